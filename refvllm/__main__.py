@@ -1,0 +1,3 @@
+from refvllm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""User-facing errors. Anything raised as a RefvllmError is printed without a traceback by the CLI."""
+
+from __future__ import annotations
+
+
+class RefvllmError(Exception):
+    """Base class of errors caused by user input (data, config, paths), shown as one clear message."""
+
+
+class ConfigError(RefvllmError):
+    """A config file, key or value is wrong. The message names the key."""
+
+
+class DataError(RefvllmError):
+    """A sample is malformed. Carries the sample's index in its file, its id and a specific reason."""
+
+    def __init__(self, reason: str, index: int | None = None, sample_id: str | None = None):
+        self.reason = reason
+        self.index = index
+        self.sample_id = sample_id
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = []
+        if self.index is not None:
+            where.append(f"sample {self.index}")
+        if self.sample_id is not None:
+            where.append(f"id {self.sample_id!r}")
+        return f"{' '.join(where)}: {self.reason}" if where else self.reason
+
+    def with_sample(self, index: int | None, sample_id: str | None) -> DataError:
+        """The same error, naming the sample (used where the low-level code did not know it)."""
+        return DataError(
+            self.reason,
+            self.index if self.index is not None else index,
+            self.sample_id if self.sample_id is not None else sample_id,
+        )
+
+
+class ModelInputError(RefvllmError):
+    """The model's inputs disagree with each other (e.g. placeholder count vs. feature rows)."""

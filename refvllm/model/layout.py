@@ -1,0 +1,104 @@
+"""How many placeholder positions each visual input occupies, and how frames are preprocessed.
+
+The processor (which expands placeholders before the model runs) and the model (which fills them) both derive
+their counts from one :class:`TokenLayout`, so the two can never disagree by construction; the model still
+checks the count at run time and raises a clear error if they do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from refvllm.config import Config
+from refvllm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class VisualSpec:
+    """Frame preprocessing of the vision tower: square ``image_size`` input, ``patch_size`` patches, normalisation."""
+
+    image_size: int
+    patch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of the vision tower's output grid (e.g. 384 / 14 -> 27)."""
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Placeholder counts. ``tokens_per_frame`` = ceil(grid / spatial_pool) ** 2."""
+
+    grid: int
+    spatial_pool: int
+    temporal_pool: int
+    region_max_tokens: int
+    region_merge: str
+
+    @property
+    def pooled_grid(self) -> int:
+        return math.ceil(self.grid / self.spatial_pool)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.pooled_grid**2
+
+    def num_visual_tokens(self, num_frames: int) -> int:
+        """Video/image tokens for a clip of ``num_frames`` frames (an image is a 1-frame clip)."""
+        return math.ceil(num_frames / self.temporal_pool) * self.tokens_per_frame
+
+    def num_region_tokens(self, num_mask_frames: int) -> int:
+        """Region tokens for an object whose masks cover ``num_mask_frames`` planned frames (>= 1)."""
+        if self.region_merge == "none":
+            return num_mask_frames
+        return min(self.region_max_tokens, num_mask_frames)
+
+
+def _vision_config_dict(vision_path: str) -> dict:
+    path = Path(vision_path) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"model.vision_path: no config.json in '{vision_path}'")
+    data = json.loads(path.read_text())
+    # A full SigLIP/CLIP checkpoint nests the vision tower's config.
+    return data.get("vision_config", data)
+
+
+def load_visual_spec(cfg: Config) -> VisualSpec:
+    """Read image size, patch size and normalisation of ``cfg.model.vision_path`` (a local directory).
+
+    Normalisation comes from ``model.image_mean/std`` when set, else from the checkpoint's
+    ``preprocessor_config.json``; a checkpoint without one and no config values is an error, not a guess.
+    """
+    vcfg = _vision_config_dict(cfg.model.vision_path)
+    try:
+        image_size, patch_size = int(vcfg["image_size"]), int(vcfg["patch_size"])
+    except KeyError as e:
+        raise ConfigError(f"model.vision_path: config.json of '{cfg.model.vision_path}' has no {e}") from None
+    if cfg.model.image_mean is not None:
+        mean, std = cfg.model.image_mean, cfg.model.image_std
+    else:
+        pre = Path(cfg.model.vision_path) / "preprocessor_config.json"
+        if not pre.is_file():
+            raise ConfigError(
+                f"model.vision_path: '{pre}' is missing; set model.image_mean and model.image_std in the config"
+            )
+        data = json.loads(pre.read_text())
+        mean, std = data["image_mean"], data["image_std"]
+    return VisualSpec(image_size, patch_size, tuple(mean), tuple(std))
+
+
+def make_token_layout(cfg: Config, spec: VisualSpec) -> TokenLayout:
+    """The layout for this config and vision tower."""
+    return TokenLayout(
+        grid=spec.grid,
+        spatial_pool=cfg.model.projector.spatial_pool,
+        temporal_pool=cfg.model.projector.temporal_pool,
+        region_max_tokens=cfg.model.region.max_tokens,
+        region_merge=cfg.model.region.merge,
+    )
