@@ -14,11 +14,17 @@ class ConfigError(RefvllmError):
 class DataError(RefvllmError):
     """A sample is malformed. Carries the sample's index in its file, its id and a specific reason."""
 
-    def __init__(self, reason: str, index: int | None = None, sample_id: str | None = None):
+    def __init__(self, reason: str, index: int | None = None, sample_id: str | None = None,
+                 category: str | None = None):
         self.reason = reason
         self.index = index
         self.sample_id = sample_id
+        self.category = category  # short key for summaries (e.g. 'rle_malformed'); see docs/data-format.md
         super().__init__(self._render())
+
+    def __reduce__(self):
+        # Pickle by fields (DataLoader workers and process pools send errors between processes).
+        return (DataError, (self.reason, self.index, self.sample_id, self.category))
 
     def _render(self) -> str:
         where = []
@@ -34,6 +40,7 @@ class DataError(RefvllmError):
             self.reason,
             self.index if self.index is not None else index,
             self.sample_id if self.sample_id is not None else sample_id,
+            self.category,
         )
 
 

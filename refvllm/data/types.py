@@ -75,3 +75,17 @@ class DecodedSample:
     masks: np.ndarray
     mask_frame: np.ndarray
     mask_object: np.ndarray
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample the training loader could not use (bad-sample policy): returned by ``RefDataset[i]`` in place
+    of the processed sample, dropped and counted by ``collate`` (``num_skipped``, ``skipped``)."""
+
+    index: int  # position in its file
+    id: str | None  # the sample's id when it could be read, else None
+    reason: str  # DataError.reason
+    category: str | None = None  # DataError.category (summary key, e.g. 'media_not_found', 'too_long')
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "id": self.id, "reason": self.reason, "category": self.category}

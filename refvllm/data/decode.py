@@ -1,0 +1,104 @@
+"""A parsed sample -> its planned frames and masks at the vision tower's resolution.
+
+Contract:
+
+    decoded = decode_sample(sample, data_root, num_frames, image_size, mask_resize="rescale")
+    decoded, areas = decode_sample_report(...)   # + per object {frame: mask pixel count at media resolution}
+    planned = plan_sample(sample, data_root, num_frames, mask_resize)  # reader, plan, RLEs, areas; no pixels
+
+Steps: open the media (header only) -> every non-null segmentation to an RLE at the media's size (checked,
+rescaled or rejected; no pixels decoded) -> drop frames whose mask is empty (an object left with none is an
+error: "object k has no non-empty mask") -> plan T frames so every kept mask frame is one of them -> decode
+only the planned frames -> bring each planned mask to S x S with "any coverage" (computed from its RLE runs:
+exactly ``resize_mask_any(decode_mask(...), S)`` without a full-resolution copy) -> resize the frames to S x S.
+
+Every DataError is re-raised naming the sample's index and id.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from refvllm.data.masks import resize_rle_any, rle_area, to_rle
+from refvllm.data.media import MediaReader, check_mask_frames, open_media, plan_frames, resize_frames
+from refvllm.data.types import DecodedSample, FramePlan, Sample
+from refvllm.errors import DataError
+
+
+def decode_sample(sample: Sample, data_root: str | os.PathLike, num_frames: int, image_size: int,
+                  mask_resize: str = "rescale") -> DecodedSample:
+    """frames uint8 [F, S, S, 3], masks bool [M, S, S] (object-major, then time), see DecodedSample."""
+    return decode_sample_report(sample, data_root, num_frames, image_size, mask_resize)[0]
+
+
+def decode_sample_report(sample: Sample, data_root: str | os.PathLike, num_frames: int, image_size: int,
+                         mask_resize: str = "rescale") -> tuple[DecodedSample, list[dict[int, int]]]:
+    """:func:`decode_sample` plus, per object, ``{frame: mask pixel count at the media's resolution}`` for every
+    frame with a non-null segmentation (planned or not)."""
+    planned = plan_sample(sample, data_root, num_frames, mask_resize)
+    try:
+        frames = resize_frames(planned.reader.read(planned.plan.frame_indices), image_size)
+        masks, mask_frame, mask_object = _planned_masks(planned.rles, planned.plan, image_size)
+    except DataError as e:
+        raise e.with_sample(sample.index, sample.id) from None
+    return DecodedSample(sample, planned.plan, frames, masks, mask_frame, mask_object), planned.areas
+
+
+@dataclass
+class PlannedSample:
+    """A sample's opened media, its frame plan and its masks as RLE at the media's resolution (no pixels yet)."""
+
+    reader: MediaReader
+    plan: FramePlan
+    rles: list[dict[int, dict]]  # per object, {frame: pycocotools RLE} for every non-null segmentation
+    areas: list[dict[int, int]]  # per object, {frame: pixel count} for the same frames
+
+
+def plan_sample(sample: Sample, data_root: str | os.PathLike, num_frames: int,
+                mask_resize: str = "rescale") -> PlannedSample:
+    """Open the media (header only), check every mask and convert it to an RLE at the media's size, drop empty
+    masks, plan the frames. The first half of :func:`decode_sample`; DataError names the sample."""
+    try:
+        reader = open_media(data_root, sample)
+        check_mask_frames(reader.num_frames, [list(obj) for obj in sample.objects])
+        rles = object_rles(sample, reader.height, reader.width, mask_resize)
+        areas = [{f: rle_area(rle) for f, rle in obj.items()} for obj in rles]
+        plan = plan_frames(reader.num_frames, num_frames if sample.media_type == "video" else 1,
+                           _non_empty_frames(areas))
+    except DataError as e:
+        raise e.with_sample(sample.index, sample.id) from None
+    return PlannedSample(reader, plan, rles, areas)
+
+
+def object_rles(sample: Sample, height: int, width: int, mask_resize: str) -> list[dict[int, dict]]:
+    """Per object, {frame: pycocotools RLE at [height, width]} for every non-null segmentation."""
+    poly_size = (sample.height, sample.width) if sample.height is not None else None
+    return [{f: to_rle(seg, height, width, poly_size=poly_size, mask_resize=mask_resize,
+                       where=f"object {k} frame {f}") for f, seg in obj.items()}
+            for k, obj in enumerate(sample.objects)]
+
+
+def _non_empty_frames(areas: list[dict[int, int]]) -> list[list[int]]:
+    frames = [[f for f, a in obj.items() if a > 0] for obj in areas]
+    for k, kept in enumerate(frames):
+        if not kept:
+            raise DataError(f"object {k} has no non-empty mask (all {len(areas[k])} of its masks are empty)",
+                            category="empty_mask")
+    return frames
+
+
+def _planned_masks(rles: list[dict[int, dict]], plan: FramePlan, size: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """masks bool [M, S, S], mask_frame int64 [M] (row in plan.frame_indices), mask_object int64 [M]."""
+    row = {f: j for j, f in enumerate(plan.frame_indices)}
+    masks, mask_frame, mask_object = [], [], []
+    for k, frames in enumerate(plan.object_frames):
+        for f in frames:
+            masks.append(resize_rle_any(rles[k][f], size))
+            mask_frame.append(row[f])
+            mask_object.append(k)
+    stacked = np.stack(masks) if masks else np.zeros((0, size, size), bool)
+    return stacked, np.asarray(mask_frame, np.int64), np.asarray(mask_object, np.int64)
