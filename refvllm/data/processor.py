@@ -1,0 +1,316 @@
+"""Text and tensors of one sample: chat template, placeholder expansion, labels, normalised pixels.
+
+Contract (docs/architecture.md, "One processed sample"):
+
+    proc = Processor.from_config(cfg)              # or Processor(tokenizer, layout, spec, max_length, ...)
+    item = proc.encode(decoded)                    # training: input_ids, labels, pixel_values, region_*, ...
+    item = proc.encode_prompt(decoded)             # generation: the prompt up to the last user turn + reference
+
+How the text is built, robustly for any tokenizer and chat template:
+
+1. In each turn's text, ``<video>``/``<image>`` and ``<region>`` are replaced by marker strings made of a
+   private-use character (U+E000) that no tokenizer merges with anything, because the markers are cut out
+   before tokenising; assistant contents are wrapped in begin/end markers the same way.
+2. The conversation is rendered with ``tokenizer.apply_chat_template(messages, tokenize=False)``.
+3. The rendered string is split at the markers; each text piece is tokenised on its own
+   (``add_special_tokens=False``: the template already wrote every special token), and each placeholder
+   marker becomes a run of sentinel ids: ``TokenLayout.num_visual_tokens(F)`` x ``VISUAL_TOKEN_ID`` and, for
+   the k-th ``<region>``, ``TokenLayout.num_region_tokens(len(plan.object_frames[k]))`` x ``REGION_TOKEN_ID``.
+4. Labels are the assistant contents' tokens plus the template's tokens after each content up to and
+   including the first special token (the end-of-turn token, e.g. ``<|im_end|>`` or ``<|eot_id|>``);
+   -100 everywhere else (system, user turns, assistant headers, sentinels).
+
+Because every assistant content is a piece of its own, no token straddles a header/content boundary, and the
+prompt built by :meth:`Processor.encode_prompt` (``add_generation_prompt=True``) tokenises exactly like the
+prefix of the training sequence. Pieces are tokenised independently, which is exact for byte-level BPE
+tokenizers (Qwen2.x, Llama-3, GPT-style); a tokenizer that prepends a dummy space to every call (Llama-2's
+legacy sentencepiece) gets a space token after each placeholder, as in LLaVA.
+
+A visual placeholder is expected once, in a user turn; when the sample has frames and no user turn holds one,
+it is put at the start of the first user turn followed by a newline (LLaVA's convention). ``<objectN>`` text
+before ``<region>`` stays text. A sample longer than ``max_length`` after expansion is rejected with a
+:class:`~refvllm.errors.DataError`, never cut. The processor opens no files except the tokenizer's.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from refvllm.config import Config
+from refvllm.constants import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    REGION_PLACEHOLDER,
+    REGION_TOKEN_ID,
+    VIDEO_PLACEHOLDER,
+    VISUAL_TOKEN_ID,
+)
+from refvllm.data.types import DecodedSample, Sample, Turn
+from refvllm.errors import ConfigError, DataError
+from refvllm.model.layout import TokenLayout, VisualSpec, load_visual_spec, make_token_layout
+
+_RESERVED = "\ue000"  # private-use character: markers are built from it, so sample text may not contain it
+_VIS = _RESERVED + "V" + _RESERVED
+_REG = _RESERVED + "R" + _RESERVED
+_ANS_BEGIN = _RESERVED + "A" + _RESERVED
+_ANS_END = _RESERVED + "E" + _RESERVED
+_MARKER_SPLIT = re.compile("(" + "|".join(re.escape(m) for m in (_VIS, _REG, _ANS_BEGIN, _ANS_END)) + ")")
+_PLACEHOLDER = re.compile("|".join(re.escape(p) for p in (VIDEO_PLACEHOLDER, IMAGE_PLACEHOLDER, REGION_PLACEHOLDER)))
+
+
+@dataclass
+class _Marked:
+    """Chat messages with markers in place of placeholders, and what the markers stand for."""
+
+    messages: list[dict[str, str]]
+    num_visual: int  # visual markers inserted (0 or 1)
+    num_regions: int  # region markers inserted (objects 0..num_regions-1, in order)
+    num_answers: int  # assistant contents wrapped in begin/end markers
+
+
+class Processor:
+    """Turns a :class:`DecodedSample` into the model's tensors (see the module docstring).
+
+    ``num_frames`` and ``mask_resize`` are not used by the processor itself; they are the decode settings that
+    go with it (the dataset and inference read them from here so that both decode like training did).
+    """
+
+    def __init__(self, tokenizer, layout: TokenLayout, spec: VisualSpec, max_length: int, num_frames: int,
+                 mask_resize: str):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"the tokenizer of '{tokenizer.name_or_path}' has no chat template (model.llm_path)")
+        self.tokenizer = tokenizer
+        self.layout = layout
+        self.spec = spec
+        self.max_length = max_length
+        self.num_frames = num_frames
+        self.mask_resize = mask_resize
+        self._special_ids = _special_token_ids(tokenizer)
+        # (x / 255 - mean) / std as one multiply-add per element: x * scale + bias
+        std = torch.tensor(spec.std, dtype=torch.float64)
+        self._scale = (1.0 / (255.0 * std)).to(torch.float32).view(1, 3, 1, 1)
+        self._bias = (-torch.tensor(spec.mean, dtype=torch.float64) / std).to(torch.float32).view(1, 3, 1, 1)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Processor:
+        """The tokenizer of ``model.llm_path`` (AutoTokenizer), the vision tower's spec and the token layout."""
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model.llm_path,
+                                                      trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.llm_path: cannot load a tokenizer from '{cfg.model.llm_path}': {e}") from None
+        spec = load_visual_spec(cfg)
+        return cls(tokenizer, make_token_layout(cfg, spec), spec, cfg.data.max_length, cfg.data.num_frames,
+                   cfg.data.mask_resize)
+
+    @property
+    def pad_token_id(self) -> int:
+        """Id used to pad ``input_ids``: the tokenizer's pad token, else its eos token.
+
+        Padded positions are masked out (attention 0, label -100), so any valid id is correct; the eos is used
+        only for tokenizers that define no pad token (e.g. Llama-3).
+        """
+        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.eos_token_id if pad is None else pad
+        if pad is None:
+            raise ConfigError(f"the tokenizer of '{self.tokenizer.name_or_path}' has neither a pad nor an eos token")
+        return int(pad)
+
+    # ------------------------------------------------------------------ public API
+
+    def encode(self, decoded: DecodedSample) -> dict:
+        """One training sample (docs/architecture.md, "One processed sample").
+
+        Returns ``input_ids`` long [L], ``labels`` long [L], ``pixel_values`` float32 [F, 3, S, S],
+        ``region_masks`` bool [M, S, S], ``region_frame_index`` long [M] (0..F-1), ``region_object_index``
+        long [M] (0..O-1), ``num_objects`` int O, ``sample_index`` int, ``sample_id`` str.
+        Raises DataError (naming the sample) when the text does not fit ``max_length`` or the conversation
+        does not match the decoded sample, or when it has no assistant turn to learn from.
+        """
+        sample = decoded.sample
+        marked = self._mark(sample, sample.turns, decoded.frames.shape[0], with_answers=True)
+        if marked.num_regions != len(decoded.plan.object_frames):
+            raise _error(sample, f"{marked.num_regions} {REGION_PLACEHOLDER} placeholders but "
+                                 f"{len(decoded.plan.object_frames)} objects", "region_count")
+        if marked.num_answers == 0:
+            raise _error(sample, "the conversation has no assistant turn to learn from", "conversation_order")
+        input_ids, labels = self._tokenize(decoded, marked, add_generation_prompt=False)
+        return {"input_ids": input_ids, "labels": labels, **self._visual_tensors(decoded, marked.num_regions),
+                "sample_index": sample.index, "sample_id": sample.id}
+
+    def encode_prompt(self, decoded: DecodedSample, turn: int | None = None) -> dict:
+        """The generation prompt for the user turn ``sample.turns[turn]`` (default: the last user turn).
+
+        The prompt is ``turns[:turn + 1]`` (earlier assistant turns as written) rendered with
+        ``add_generation_prompt=True``. Only the objects whose ``<region>`` occurs in those turns are kept
+        (objects are numbered by first mention, so they are objects 0..O'-1), so the prompt's region tokens
+        match its masks. Returns the keys of :meth:`encode` without ``labels``, plus ``reference``: the text
+        of the assistant turn that answers ``turn`` in the sample, or None. Items batch with
+        ``collate(items, pad_id, padding_side="left")``.
+        """
+        sample = decoded.sample
+        turn = _prompt_turn(sample, turn)
+        turns = sample.turns[: turn + 1]
+        marked = self._mark(sample, turns, decoded.frames.shape[0], with_answers=False)
+        if marked.num_regions > len(decoded.plan.object_frames):
+            raise _error(sample, f"{marked.num_regions} {REGION_PLACEHOLDER} placeholders but "
+                                 f"{len(decoded.plan.object_frames)} objects", "region_count")
+        input_ids, _ = self._tokenize(decoded, marked, add_generation_prompt=True)
+        after = sample.turns[turn + 1] if turn + 1 < len(sample.turns) else None
+        reference = after.text if after is not None and after.role == "assistant" else None
+        return {"input_ids": input_ids, **self._visual_tensors(decoded, marked.num_regions),
+                "sample_index": sample.index, "sample_id": sample.id, "reference": reference}
+
+    # ------------------------------------------------------------------ text
+
+    def _mark(self, sample: Sample, turns: list[Turn], num_frames: int, with_answers: bool) -> _Marked:
+        """Chat messages with placeholders replaced by markers (and assistant contents wrapped in markers)."""
+        messages, num_visual, num_regions, num_answers = [], 0, 0, 0
+        for i, turn in enumerate(turns):
+            if _RESERVED in turn.text:
+                raise _error(sample, f"turn {i} contains the reserved character U+E000", "reserved_character")
+            found = _PLACEHOLDER.findall(turn.text)
+            if found and turn.role != "user":
+                category = "region_in_answer" if found[0] == REGION_PLACEHOLDER else "placeholder"
+                raise _error(sample, f"turn {i} ({turn.role}) contains {found[0]}; placeholders belong in user turns",
+                             category)
+            num_regions += found.count(REGION_PLACEHOLDER)
+            num_visual += len(found) - found.count(REGION_PLACEHOLDER)
+            text = _PLACEHOLDER.sub(lambda m: _REG if m.group(0) == REGION_PLACEHOLDER else _VIS, turn.text)
+            if with_answers and turn.role == "assistant":
+                text, num_answers = _ANS_BEGIN + text + _ANS_END, num_answers + 1
+            messages.append({"role": turn.role, "content": text})
+        if num_visual > 1:
+            raise _error(sample, f"{num_visual} {VIDEO_PLACEHOLDER}/{IMAGE_PLACEHOLDER} placeholders; at most one",
+                         "placeholder")
+        if num_visual == 1 and num_frames == 0:
+            raise _error(sample, f"a {VIDEO_PLACEHOLDER}/{IMAGE_PLACEHOLDER} placeholder but no frames", "placeholder")
+        if num_visual == 0 and num_frames > 0:
+            first_user = next((m for m in messages if m["role"] == "user"), None)
+            if first_user is None:
+                raise _error(sample, "the conversation has no user turn", "conversation_order")
+            first_user["content"] = _VIS + "\n" + first_user["content"]
+            num_visual = 1
+        return _Marked(messages, num_visual, num_regions, num_answers)
+
+    def _render(self, sample: Sample, marked: _Marked, add_generation_prompt: bool) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(marked.messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except TemplateError as e:  # templates reject e.g. non-alternating roles with raise_exception
+            raise _error(sample, f"the chat template rejected the conversation: {e}", "chat_template") from None
+        expected = {_VIS: marked.num_visual, _REG: marked.num_regions,
+                    _ANS_BEGIN: marked.num_answers, _ANS_END: marked.num_answers}
+        for marker, count in expected.items():
+            if text.count(marker) != count:
+                raise ConfigError(f"the chat template of '{self.tokenizer.name_or_path}' did not keep every "
+                                  f"message's content once (found {text.count(marker)} of {count} markers)")
+        return text
+
+    def _tokenize(self, decoded: DecodedSample, marked: _Marked,
+                  add_generation_prompt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Render, split at the markers, tokenise the pieces, insert sentinel runs, label the answers.
+
+        Returns ``input_ids`` long [L] and ``labels`` long [L] (all -100 without answers).
+        """
+        sample = decoded.sample
+        pieces = _MARKER_SPLIT.split(self._render(sample, marked, add_generation_prompt))
+        texts = pieces[0::2]  # re.split with one group: text, marker, text, marker, ..., text
+        token_lists = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids: list[int] = []
+        labels: list[int] = []
+        region, in_answer, want_end = 0, False, False
+        for k, tokens in enumerate(token_lists):
+            if k > 0:
+                marker = pieces[2 * k - 1]
+                if marker == _VIS:
+                    n = self.layout.num_visual_tokens(decoded.frames.shape[0])
+                    ids += [VISUAL_TOKEN_ID] * n
+                    labels += [IGNORE_INDEX] * n
+                elif marker == _REG:
+                    n = self.layout.num_region_tokens(len(decoded.plan.object_frames[region]))
+                    ids += [REGION_TOKEN_ID] * n
+                    labels += [IGNORE_INDEX] * n
+                    region += 1
+                elif marker == _ANS_BEGIN:
+                    in_answer, want_end = True, False
+                else:  # _ANS_END
+                    in_answer, want_end = False, True
+            ids += tokens
+            if in_answer:
+                labels += tokens
+            elif want_end:  # the template's text right after an answer
+                labels += self._label_through_end_token(tokens)
+                want_end = False
+            else:
+                labels += [IGNORE_INDEX] * len(tokens)
+        if len(ids) > self.max_length:
+            raise _error(sample, f"{len(ids)} tokens > max_length {self.max_length}", "too_long")
+        return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+    def _label_through_end_token(self, tokens: list[int]) -> list[int]:
+        """Labels of the piece after an answer: its tokens up to and including the first special token.
+
+        Tokens between the content and that token (e.g. a newline some templates write) are labelled too: the
+        model has to generate them before it can end the turn.
+        """
+        for j, t in enumerate(tokens):
+            if t in self._special_ids:
+                return tokens[: j + 1] + [IGNORE_INDEX] * (len(tokens) - j - 1)
+        raise ConfigError(f"the chat template of '{self.tokenizer.name_or_path}' writes no special "
+                          "end-of-turn token after an assistant turn")
+
+    # ------------------------------------------------------------------ tensors
+
+    def _visual_tensors(self, decoded: DecodedSample, num_objects: int) -> dict:
+        """Normalised pixels and the masks of objects 0..num_objects-1 (see :meth:`encode` for shapes)."""
+        keep = decoded.mask_object < num_objects
+        return {
+            "pixel_values": self.normalize(decoded.frames),
+            "region_masks": torch.from_numpy(np.ascontiguousarray(decoded.masks[keep], dtype=bool)),
+            "region_frame_index": torch.from_numpy(decoded.mask_frame[keep].astype(np.int64)),
+            "region_object_index": torch.from_numpy(decoded.mask_object[keep].astype(np.int64)),
+            "num_objects": num_objects,
+        }
+
+    def normalize(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 [F, S, S, 3] -> float32 [F, 3, S, S], ``(x / 255 - mean) / std`` per channel."""
+        size = self.spec.image_size
+        if frames.ndim != 4 or frames.shape[1:] != (size, size, 3):
+            raise ValueError(f"frames must be uint8 [F, {size}, {size}, 3]; got {tuple(frames.shape)}")
+        # Transpose while converting (numpy, one pass), then scale in place: much faster than arithmetic on a
+        # permuted torch view.
+        x = torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.float32))
+        return x.mul_(self._scale).add_(self._bias)
+
+
+def _special_token_ids(tokenizer) -> frozenset[int]:
+    """Ids of every special token: the named ones and added tokens flagged special (e.g. <|im_end|>)."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
+    return frozenset(ids)
+
+
+def _prompt_turn(sample: Sample, turn: int | None) -> int:
+    """Index of the user turn to answer: ``turn`` checked, or the last user turn."""
+    users = [i for i, t in enumerate(sample.turns) if t.role == "user"]
+    if not users:
+        raise _error(sample, "the conversation has no user turn", "conversation_order")
+    if turn is None:
+        return users[-1]
+    if turn not in users:
+        raise ValueError(f"turn {turn} of sample {sample.index} is not a user turn (user turns: {users})")
+    return turn
+
+
+def _error(sample: Sample, reason: str, category: str) -> DataError:
+    """A DataError naming the sample; ``category`` is the summary key (as in schema.py, e.g. 'too_long')."""
+    return DataError(reason, sample.index, sample.id, category)
