@@ -76,6 +76,9 @@ def load_visual_spec(cfg: Config) -> VisualSpec:
     ``preprocessor_config.json``; a checkpoint without one and no config values is an error, not a guess.
     """
     vcfg = _vision_config_dict(cfg.model.vision_path)
+    if "image_size" not in vcfg and "num_patches" in vcfg:
+        # SigLIP2 NaFlex has no fixed size: feed it the square grid its position embeddings were trained on.
+        vcfg = {**vcfg, "image_size": math.isqrt(int(vcfg["num_patches"])) * int(vcfg.get("patch_size", 0))}
     try:
         image_size, patch_size = int(vcfg["image_size"]), int(vcfg["patch_size"])
     except KeyError as e:

@@ -1,0 +1,248 @@
+"""Config -> RefVLM: load the vision tower and the LLM with ``from_pretrained``, build the adapters, set each
+module's trainability (frozen | lora | full), and save/load the weights that are not in the HF checkpoints.
+
+Contract:
+    model = build_model(cfg)                         # prints the trainable-parameter table unless told not to
+    groups = parameter_groups(model)                 # {"llm": [...], "vision": [...], "projector": .., "region": ..}
+    counts = parameter_counts(model)                 # {"llm": {"trainable": n, "total": m}, ...}
+    save_extra_trainables(model, dir) / load_extra_trainables(model, dir)     # dir/extra_trainables.safetensors
+    model.llm.save_pretrained(dir)                   # the LLM LoRA adapter (plain PEFT layout) when train_llm=lora
+    load_llm_adapter(model, dir)                     # load such an adapter back into a built model
+
+Module names are fixed: ``vision``, ``projector``, ``region``, ``llm`` (attributes of RefVLM).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from refvllm.config import Config, LoraConfig
+from refvllm.errors import ConfigError
+from refvllm.model.layout import load_visual_spec, make_token_layout
+from refvllm.model.refvlm import RefVLM
+from refvllm.model.region import RegionEncoder
+from refvllm.model.vision import Projector, VisionTower
+
+MODULES = ("vision", "projector", "region", "llm")
+EXTRA_FILE = "extra_trainables.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build_model(cfg: Config, print_table: bool = True) -> RefVLM:
+    """The model described by ``cfg.model``; tiny checkpoints are written first when ``model.tiny`` asks."""
+    m = cfg.model
+    ensure_tiny_checkpoints(cfg)
+    check_attn_implementation(m.attn_implementation)
+    dtype = DTYPES[m.dtype]
+    spec = load_visual_spec(cfg)
+    layout = make_token_layout(cfg, spec)
+    vision = VisionTower.from_pretrained(m.vision_path, m.vision_feature_layer, m.attn_implementation, dtype,
+                                         m.trust_remote_code)
+    if vision.grid != layout.grid:
+        raise ConfigError(f"model.vision_path: the tower's patch grid is {vision.grid}x{vision.grid} but "
+                          f"image_size/patch_size give {layout.grid}x{layout.grid}")
+    llm = _load_llm(m.llm_path, m.attn_implementation, dtype, m.trust_remote_code)
+    width = llm.get_input_embeddings().weight.shape[1]
+    projector = Projector(vision.hidden_size, width, m.projector.hidden_size or width, layout)
+    region = RegionEncoder(vision.hidden_size, width, m.region.hidden_size or width, layout, spec.patch_size,
+                           m.region.pooling)
+    vision = _set_vision_trainability(vision, m.train_vision, m.vision_lora, m.gradient_checkpointing)
+    llm = _set_llm_trainability(llm, m.train_llm, m.lora, m.gradient_checkpointing)
+    projector.requires_grad_(m.train_projector == "full")
+    region.requires_grad_(m.train_region == "full")
+    model = RefVLM(vision, projector, region, llm, layout, _pad_token_id(llm))
+    if print_table:
+        print(format_parameter_table(parameter_counts(model)))
+    return model
+
+
+def ensure_tiny_checkpoints(cfg: Config) -> None:
+    """With ``model.tiny``, write the tiny vision/LLM checkpoints at the configured paths when missing."""
+    if not cfg.model.tiny:
+        return
+    from refvllm.model.tiny import write_tiny_llm, write_tiny_vision
+
+    for key, path, write in (("model.vision_path", cfg.model.vision_path, write_tiny_vision),
+                             ("model.llm_path", cfg.model.llm_path, write_tiny_llm)):
+        if not path:
+            raise ConfigError(f"config key '{key}' is empty; with model.tiny it names where the tiny checkpoint goes")
+        if not (Path(path) / "config.json").is_file():
+            write(path)
+
+
+def check_attn_implementation(name: str) -> None:
+    """flash_attention_2 needs the flash-attn package; say so instead of failing deep inside transformers."""
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not "
+                          "installed (pip install 'refvllm[flash]' on a CUDA machine), or use sdpa")
+
+
+def _load_llm(path: str, attn: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                    trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ConfigError(f"model.llm_path: cannot load a causal LM from '{path}': {e}") from None
+
+
+def _pad_token_id(llm: nn.Module) -> int:
+    """Any valid id works (the sentinel positions it fills are overwritten); prefer the checkpoint's pad id."""
+    for source in (llm.config, getattr(llm, "generation_config", None)):
+        pad = getattr(source, "pad_token_id", None)
+        if isinstance(pad, int):
+            return pad
+    return 0
+
+
+def _peft_lora(lora: LoraConfig, task_type: str | None):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=list(lora.target_modules), task_type=task_type)
+
+
+def _set_vision_trainability(vision: VisionTower, mode: str, lora: LoraConfig, checkpointing: bool) -> VisionTower:
+    vision.requires_grad_(mode == "full")
+    if mode == "lora":
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(_peft_lora(lora, None), vision.model)  # only the LoRA weights train
+    if checkpointing and mode != "frozen":
+        _enable_checkpointing(vision.model)
+    return vision
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing, non-reentrant (works with frozen inputs and PEFT). transformers
+    >= 5.2x names it ``activation_checkpointing_enable``; older 5.x ``gradient_checkpointing_enable``."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _set_llm_trainability(llm: nn.Module, mode: str, lora: LoraConfig, checkpointing: bool) -> nn.Module:
+    """frozen / full: requires_grad on the plain model. lora: a plain PEFT model on the unmodified base, so its
+    adapter loads with ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), dir)``."""
+    llm.requires_grad_(mode == "full")
+    if checkpointing:  # also when frozen: gradients still flow through it to the projector and region encoder
+        _enable_checkpointing(llm)
+    if mode == "lora":
+        from peft import get_peft_model
+
+        with warnings.catch_warnings():  # peft still reads the deprecated name; not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            llm = get_peft_model(llm, _peft_lora(lora, "CAUSAL_LM"))
+    return llm
+
+
+# ------------------------------------------------------------------------------------ parameters per module
+def _named_params(model: RefVLM, module: str) -> list[tuple[str, nn.Parameter]]:
+    """``named_parameters`` of one module, with RefVLM-level names; tied weights appear once."""
+    return [(f"{module}.{name}", p) for name, p in getattr(model, module).named_parameters()]
+
+
+def parameter_counts(model: RefVLM) -> dict[str, dict[str, int]]:
+    """{module: {"trainable": n, "total": m}} for vision, projector, region, llm."""
+    counts = {}
+    for module in MODULES:
+        params = [p for _, p in _named_params(model, module)]
+        counts[module] = {"trainable": sum(p.numel() for p in params if p.requires_grad),
+                          "total": sum(p.numel() for p in params)}
+    return counts
+
+
+def format_parameter_table(counts: dict[str, dict[str, int]]) -> str:
+    """A small text table of :func:`parameter_counts`."""
+    rows = [f"{'module':<10} {'trainable':>14} {'total':>14} {'%':>7}"]
+    for name, c in [*counts.items(), ("all", {k: sum(v[k] for v in counts.values()) for k in ("trainable", "total")})]:
+        pct = 100.0 * c["trainable"] / c["total"] if c["total"] else 0.0
+        rows.append(f"{name:<10} {c['trainable']:>14,} {c['total']:>14,} {pct:>6.2f}%")
+    return "\n".join(rows)
+
+
+def parameter_groups(model: RefVLM) -> dict[str, list[nn.Parameter]]:
+    """Trainable parameters per module (llm, vision, projector, region), for per-module learning rates.
+    A module with nothing trainable maps to an empty list."""
+    return {module: [p for _, p in _named_params(model, module) if p.requires_grad]
+            for module in ("llm", "vision", "projector", "region")}
+
+
+# ------------------------------------------------------------------------------- weights outside HF checkpoints
+def extra_trainable_names(model: RefVLM) -> list[str]:
+    """The parameters a checkpoint must hold besides the HF base checkpoints and the LLM's PEFT adapter:
+    all of projector and region encoder (trained or not: they start random), the trainable vision
+    parameters (full or LoRA), and the trainable LLM parameters unless the LLM is a PEFT model."""
+    from peft import PeftModel
+
+    names = [n for module in ("projector", "region") for n, _ in _named_params(model, module)]
+    names += [n for n, p in _named_params(model, "vision") if p.requires_grad]
+    if not isinstance(model.llm, PeftModel):
+        names += [n for n, p in _named_params(model, "llm") if p.requires_grad]
+    return names
+
+
+def save_extra_trainables(model: RefVLM, directory: str | Path) -> Path:
+    """Write :func:`extra_trainable_names` to ``directory/extra_trainables.safetensors``; returns the file."""
+    from safetensors.torch import save_file
+
+    params = dict(model.named_parameters())
+    tensors = {n: params[n].detach().contiguous().cpu() for n in extra_trainable_names(model)}
+    path = Path(directory) / EXTRA_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "pt", "names": json.dumps(sorted(tensors))})
+    return path
+
+
+def load_extra_trainables(model: RefVLM, directory: str | Path) -> None:
+    """Load ``directory/extra_trainables.safetensors`` into ``model``; the file must hold exactly the expected
+    parameters with the expected shapes (ConfigError listing what differs; nothing is loaded then)."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / EXTRA_FILE
+    if not path.is_file():
+        raise ConfigError(f"'{path}' does not exist")
+    tensors = load_file(str(path))
+    params = dict(model.named_parameters())
+    expected = set(extra_trainable_names(model))
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    wrong = sorted(n for n in expected & set(tensors) if tensors[n].shape != params[n].shape)
+    if missing or unexpected or wrong:
+        raise ConfigError(f"'{path}' does not match the model (is the config the one it was trained with?): "
+                          f"missing {_few(missing)}, unexpected {_few(unexpected)}, wrong shape {_few(wrong)}")
+    with torch.no_grad():
+        for name in expected:
+            params[name].copy_(tensors[name])
+
+
+def load_llm_adapter(model: RefVLM, directory: str | Path) -> None:
+    """Load a PEFT adapter saved by ``model.llm.save_pretrained`` into the (LoRA-wrapped) LLM of ``model``.
+    Every LoRA weight of the model must be in the file and nothing else (ConfigError otherwise)."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+
+    if not isinstance(model.llm, PeftModel):
+        raise ConfigError("load_llm_adapter: the model's LLM has no LoRA adapter (model.train_llm is not 'lora')")
+    weights = load_peft_weights(str(directory), device="cpu")
+    expected = set(get_peft_model_state_dict(model.llm))
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise ConfigError(f"adapter '{directory}' does not match the model: missing {_few(missing)}, "
+                          f"unexpected {_few(unexpected)}")
+    set_peft_model_state_dict(model.llm, weights)
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    if not names:
+        return "none"
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more

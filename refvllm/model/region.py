@@ -1,0 +1,222 @@
+"""The region encoder: mask pooling of patch features, temporal merge per object, MLP to the LLM's width.
+
+All (sample, object, frame) masks of a batch are handled at once: no Python loop over objects or frames.
+
+Contract:
+    enc = RegionEncoder(vision_dim, llm_dim, hidden, layout, patch_size, pooling="area")
+    tokens = enc(features, region_masks, region_frame_index, region_object_index, num_objects)
+        features            [N_F, grid*grid, D_v]  patch features of every frame of the batch (row-major grid)
+        region_masks        bool [N_M, S, S]        one mask per (object, frame)
+        region_frame_index  long [N_M]              row of ``features`` of each mask
+        region_object_index long [N_M]              object 0..num_objects-1 of each mask
+        -> [sum_o layout.num_region_tokens(n_o), D_llm]: object order, time order within an object,
+           n_o = number of masks of object o.
+
+Pooling weights (per mask, over the patch grid, normalised to sum 1):
+    area    the fraction of each patch that the mask covers (patch (i, j) sees pixels [i*p, (i+1)*p) of the
+            S x S frame, exactly what the vision tower's patch embedding sees)
+    binary  bilinear resize of the mask to the grid, then > 0 (the reference project's rule; dilates small and
+            thin objects)
+A mask that gets no weight (binary on a tiny object, or area on an object inside the border pixels that the
+patch grid does not cover) falls back to the area weights of the patches nearest to it (adaptive pooling
+over the whole S x S frame): never zeros, never the whole frame. An empty mask is a ModelInputError.
+
+Temporal merge to at most K = ``layout.region_max_tokens`` tokens per object (``layout.region_merge``):
+    merge    repeatedly average the most cosine-similar adjacent pair (ties -> lowest index), each token
+             weighted by the number of frames it already holds; deterministic, per object, so the result does
+             not depend on the other objects of the batch
+    uniform  split the object's frames into min(K, n) contiguous bins of (nearly) equal size and average each
+    none     one token per mask frame
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refvllm.errors import ModelInputError
+from refvllm.model.layout import TokenLayout
+from refvllm.model.vision import mlp
+
+POOLING_MODES = ("area", "binary")
+
+
+def mask_patch_weights(masks: torch.Tensor, grid: int, patch: int, pooling: str = "area") -> torch.Tensor:
+    """bool [N_M, S, S] -> float32 [N_M, grid*grid] pooling weights, each row summing to 1."""
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+    s = masks.shape[-1]
+    if s < grid * patch:
+        raise ModelInputError(f"region masks are {s}x{s} pixels; the {grid}x{grid} patch grid needs at least "
+                              f"{grid * patch}x{grid * patch}")
+    if pooling == "area":
+        weights = patch_coverage(masks, grid, patch).flatten(1)
+    else:
+        resized = F.interpolate(masks[:, None].float(), size=(grid, grid), mode="bilinear", align_corners=False)
+        weights = (resized[:, 0] > 0).float().flatten(1)
+    total = weights.sum(1)
+    missing = (total == 0).nonzero().flatten()
+    if len(missing):  # rare: one host sync, then only those masks take the slower path
+        fallback = F.adaptive_avg_pool2d(masks[missing, None].float(), grid).flatten(1)
+        empty = (fallback.sum(1) == 0).nonzero().flatten()
+        if len(empty):
+            raise ModelInputError(f"region mask {int(missing[empty[0]])} of the batch is empty "
+                                  f"({len(empty)} empty masks in all); every kept mask must cover some pixels")
+        weights[missing] = fallback
+        total = weights.sum(1)
+    return weights / total[:, None]
+
+
+def patch_coverage(masks: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
+    """bool [N, S, S] -> float32 [N, grid, grid]: the fraction of each patch's pixels that the mask covers.
+
+    The pixels of ``patch`` consecutive rows are summed 8 at a time: each mask row is read as int64 words whose
+    8 bytes are 0/1 pixels, and adding ``patch`` (< 256) such words never carries from one byte into the next,
+    so the bytes of the sum are the per-column counts. This reads the 75 M pixels of a 16-frame batch once, ~5x
+    faster on CPU than any float conversion of them. The column sums then run on a ``patch``-times smaller tensor.
+    """
+    if patch > 255:
+        raise ValueError(f"patch size {patch} > 255 overflows a byte lane")
+    s = masks.shape[-1]
+    pixels = masks.contiguous().view(torch.uint8)
+    if s % 8:  # whole int64 words per row; the padding columns lie outside the patch grid
+        pixels = F.pad(pixels, (0, 8 - s % 8))
+    words = pixels.view(torch.int64)[:, : grid * patch].unflatten(1, (grid, patch))  # a view: no copy
+    rows = words.sum(2).view(torch.uint8)[..., : grid * patch]  # [N, grid, grid*patch] pixels per column
+    return rows.unflatten(-1, (grid, patch)).sum(-1, dtype=torch.int16).float() / (patch * patch)
+
+
+def _rank_within(keys: torch.Tensor, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position of each element among the elements with the same key, in index order; and the count per key."""
+    counts = torch.bincount(keys, minlength=num_keys)
+    order = torch.argsort(keys, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(keys)
+    rank[order] = torch.arange(len(keys), device=keys.device) - starts[keys[order]]
+    return rank, counts
+
+
+def pool_regions(features: torch.Tensor, weights: torch.Tensor, frame_index: torch.Tensor) -> torch.Tensor:
+    """Weighted average of each mask's frame features: [N_F, P, D], [N_M, P], [N_M] -> [N_M, D].
+
+    One bmm over frames: each frame's masks are stacked as rows of a [N_F, max masks per frame, P] weight
+    tensor, so every frame's features are read once (no [N_M, P, D] gather).
+    """
+    n_f = features.shape[0]
+    slot, per_frame = _rank_within(frame_index, n_f)
+    w = features.new_zeros(n_f, int(per_frame.max()), weights.shape[1])
+    w[frame_index, slot] = weights.to(features.dtype)
+    return torch.bmm(w, features)[frame_index, slot]
+
+
+def _by_object(object_index: torch.Tensor, frame_index: torch.Tensor, num_objects: int):
+    """Sort masks by (object, frame). Returns the order, each sorted mask's position in its object, the masks
+    per object [O], and the object of each sorted mask."""
+    if int(object_index.max()) >= num_objects or int(object_index.min()) < 0:
+        raise ModelInputError(f"region_object_index holds object {int(object_index.max())} but the batch has "
+                              f"{num_objects} objects")
+    key = object_index * (int(frame_index.max()) + 1) + frame_index
+    order = torch.argsort(key, stable=True)
+    obj = object_index[order]
+    pos, counts = _rank_within(obj, num_objects)
+    return order, pos, counts, obj
+
+
+def merge_adjacent(x: torch.Tensor, counts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the most cosine-similar adjacent pair of each object until it holds at most ``k`` tokens.
+
+    x: [O, T, D] left-aligned tokens (object o has ``counts[o]`` valid ones). Returns the merged tokens
+    [O, T, D] (left-aligned, zero beyond the new counts) and the new counts [O].
+
+    All objects merge in lock-step (one step per loop iteration; an object that is done is left unchanged).
+    Tokens stay in their slots: a merged pair lives in its left slot, the right slot dies, and ``nxt``/``prv``
+    link the live slots, so a step touches O x D values (the pair and its two neighbour similarities) rather
+    than shifting O x T x D. ``sim[o, i]`` is the cosine of live slot i and the next live slot (-inf if none).
+    """
+    o, t, d = x.shape
+    rows, slots = torch.arange(o, device=x.device), torch.arange(t, device=x.device)
+    sums = x.clone()  # feature sums; cosine of sums = cosine of means
+    held = torch.ones(o, t, dtype=x.dtype, device=x.device)  # frames per token
+    alive = slots[None] < counts[:, None]
+    nxt = torch.where(slots[None] + 1 < counts[:, None], slots[None] + 1, t)  # t: no live slot after
+    prv = (slots - 1).repeat(o, 1)  # -1: no live slot before
+    sim = torch.full((o, t), float("-inf"), dtype=x.dtype, device=x.device)
+    if t > 1:
+        sim[:, :-1] = F.cosine_similarity(sums[:, :-1], sums[:, 1:], dim=-1)
+    sim = sim.masked_fill(slots[None] >= (counts - 1)[:, None], float("-inf"))
+    n = counts.clone()
+    for _ in range(int((counts - k).clamp(min=0).max()) if o else 0):
+        act = n > k
+        j = sim.argmax(dim=1)  # left slot of the pair; the first maximum, so ties go to the lowest index
+        right = nxt[rows, j].clamp(max=t - 1)  # the slot it absorbs (valid where act)
+        after = nxt[rows, right]  # live slot after the pair, t if none
+        before = prv[rows, j]  # live slot before the pair, -1 if none
+        sums[rows, j] = torch.where(act[:, None], sums[rows, j] + sums[rows, right], sums[rows, j])
+        held[rows, j] = torch.where(act, held[rows, j] + held[rows, right], held[rows, j])
+        alive[rows, right] &= ~act
+        nxt[rows, j] = torch.where(act, after, nxt[rows, j])
+        has_after, has_before = act & (after < t), act & (before >= 0)
+        prv[rows, after.clamp(max=t - 1)] = torch.where(has_after, j, prv[rows, after.clamp(max=t - 1)])
+        sim[rows, right] = torch.where(act, float("-inf"), sim[rows, right])
+        new_after = F.cosine_similarity(sums[rows, j], sums[rows, after.clamp(max=t - 1)], dim=-1)
+        sim[rows, j] = torch.where(has_after, new_after, torch.where(act, float("-inf"), sim[rows, j]))
+        b = before.clamp(min=0)
+        new_before = F.cosine_similarity(sums[rows, b], sums[rows, j], dim=-1)
+        sim[rows, b] = torch.where(has_before, new_before, sim[rows, b])
+        n = n - act.long()
+    tokens = (sums / held[..., None])[alive]  # live slots in (object, slot) order = (object, time) order
+    out = x.new_zeros(o, t, d)
+    out[slots[None] < n[:, None]] = tokens
+    return out, n
+
+
+class RegionEncoder(nn.Module):
+    """Mask pooling + temporal merge + 2-layer MLP. See the module docstring for the contract."""
+
+    def __init__(self, vision_dim: int, llm_dim: int, hidden: int, layout: TokenLayout, patch_size: int,
+                 pooling: str = "area"):
+        super().__init__()
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+        self.layout, self.patch_size, self.pooling = layout, patch_size, pooling
+        self.mlp = mlp(vision_dim, hidden, llm_dim)
+
+    def pool(self, features: torch.Tensor, region_masks: torch.Tensor,
+             region_frame_index: torch.Tensor) -> torch.Tensor:
+        """[N_F, P, D_v] features, bool [N_M, S, S] masks, [N_M] frames -> [N_M, D_v] pooled features."""
+        if int(region_frame_index.max()) >= features.shape[0] or int(region_frame_index.min()) < 0:
+            raise ModelInputError(f"region_frame_index holds frame {int(region_frame_index.max())} but the batch "
+                                  f"has {features.shape[0]} frames")
+        weights = mask_patch_weights(region_masks, self.layout.grid, self.patch_size, self.pooling)
+        return pool_regions(features, weights, region_frame_index)
+
+    def merge(self, pooled: torch.Tensor, region_frame_index: torch.Tensor, region_object_index: torch.Tensor,
+              num_objects: int) -> torch.Tensor:
+        """[N_M, D] pooled masks -> [sum_o layout.num_region_tokens(n_o), D] in object, then time order."""
+        order, pos, counts, obj = _by_object(region_object_index, region_frame_index, num_objects)
+        if num_objects and int(counts.min()) == 0:
+            raise ModelInputError(f"object {int((counts == 0).nonzero()[0])} of the batch has no region mask; "
+                                  "every object needs at least one")
+        x = pooled[order]
+        k, mode = self.layout.region_max_tokens, self.layout.region_merge
+        if mode == "none":
+            return x
+        if mode == "uniform":
+            bins = torch.tensor([self.layout.num_region_tokens(c) for c in counts.tolist()], device=x.device)
+            first = torch.cumsum(bins, 0) - bins
+            token = first[obj] + pos * bins[obj] // counts[obj]
+            sums = x.new_zeros(int(bins.sum()), x.shape[1]).index_add_(0, token, x)
+            return sums / torch.bincount(token, minlength=sums.shape[0]).to(x.dtype)[:, None]
+        padded = x.new_zeros(num_objects, int(counts.max()), x.shape[1])
+        padded[obj, pos] = x
+        merged, n = merge_adjacent(padded, counts, k)
+        return merged[torch.arange(merged.shape[1], device=x.device)[None] < n[:, None]]
+
+    def forward(self, features: torch.Tensor, region_masks: torch.Tensor, region_frame_index: torch.Tensor,
+                region_object_index: torch.Tensor, num_objects: int) -> torch.Tensor:
+        """See the module docstring. With no masks, returns an empty [0, D_llm] tensor."""
+        if region_masks.shape[0] == 0:
+            return self.mlp(features.new_zeros(0, features.shape[-1]))
+        pooled = self.pool(features, region_masks, region_frame_index)
+        return self.mlp(self.merge(pooled, region_frame_index, region_object_index, num_objects))
