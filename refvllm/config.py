@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -134,6 +135,8 @@ class EvalConfig:
     judge_model: str = ""
     judge_temperature: float = 0.0
     judge_api_key_env: str = "OPENAI_API_KEY"
+    judge_timeout_s: float = 60.0  # per request
+    judge_max_retries: int = 3  # retries of a failed request (connection, 429/5xx, unparseable reply)
 
 
 @dataclass
@@ -183,6 +186,9 @@ def _unknown_key(key: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotated type ``tp``; ints are accepted for floats. Raises ConfigError."""
     origin = typing.get_origin(tp)
@@ -213,6 +219,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_RE.match(value):
+            return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number it is
     elif tp is str and isinstance(value, str):
         return value
     raise ConfigError(f"config key '{key}' must be {getattr(tp, '__name__', tp)}, got {value!r}")

@@ -1,0 +1,71 @@
+"""Writing evaluation results: predictions JSONL, METRICS.json, and the results table printed at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def predictions_path(metrics_path: str | Path) -> Path:
+    """Where the predictions go: next to the metrics, ``metrics.json`` -> ``metrics.predictions.jsonl``."""
+    path = Path(metrics_path)
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    return path.with_name(stem + ".predictions.jsonl")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write to a temporary file then rename, so a crash never leaves half a file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_predictions(path: str | Path, records: list[dict[str, Any]]) -> Path:
+    """One JSON object per line, in the order given. Returns the path."""
+    path = Path(path)
+    _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+def write_metrics(path: str | Path, metrics: dict[str, Any]) -> Path:
+    """METRICS.json, indented for reading. Returns the path."""
+    path = Path(path)
+    _atomic_write(path, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def _fmt(value: Any, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{100 * value:.1f}" if percent else f"{value:.3f}"
+    return str(value)
+
+
+def results_table(metrics: dict[str, Any]) -> str:
+    """The per-type table and the overall row as aligned text.
+
+    Columns: type, n, bad, accuracy (%), chance (%), needs_region, exact match (%), token F1 (%); with judge
+    scores (Bench-D) also the four dimension means and their average (0..5).
+    """
+    header = ["type", "n", "bad", "acc%", "chance%", "region", "EM%", "F1%"]
+    rows = []
+    for name, m in [*metrics["per_type"].items(), ("OVERALL", metrics["overall"])]:
+        rows.append([name, _fmt(m["n"]), _fmt(m.get("num_bad", 0)), _fmt(m["accuracy"], True),
+                     _fmt(m.get("chance"), True), _fmt(m.get("needs_region")), _fmt(m["exact_match"], True),
+                     _fmt(m["f1"], True)])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in [header, *rows]]
+    lines.insert(1, "-" * len(lines[0]))
+    judge = metrics.get("judge")
+    if judge and judge.get("scores"):
+        parts = [f"{k}={_fmt(v)}" for k, v in judge["scores"].items()]
+        lines.append(f"judge ({judge['model']}, T={judge['temperature']}): {' '.join(parts)} "
+                     f"average={_fmt(judge['average'])} scored={judge['n_scored']} failed={judge['n_failed']}")
+    return "\n".join(lines)
