@@ -48,7 +48,7 @@ def build_model(cfg: Config, print_table: bool = True) -> RefVLM:
         raise ConfigError(f"model.vision_path: the tower's patch grid is {vision.grid}x{vision.grid} but "
                           f"image_size/patch_size give {layout.grid}x{layout.grid}")
     llm = _load_llm(m.llm_path, m.attn_implementation, dtype, m.trust_remote_code)
-    width = llm.get_input_embeddings().weight.shape[1]
+    width = llm.get_input_embeddings().embedding_dim
     projector = Projector(vision.hidden_size, width, m.projector.hidden_size or width, layout)
     region = RegionEncoder(vision.hidden_size, width, m.region.hidden_size or width, layout, spec.patch_size,
                            m.region.pooling)

@@ -95,7 +95,7 @@ class RefVLM(nn.Module):
         return x.sum() * 0.0
 
     def _llm_width(self) -> int:
-        return self.llm.get_input_embeddings().weight.shape[1]
+        return self.llm.get_input_embeddings().embedding_dim
 
     # ------------------------------------------------------------------------------------------- splice
     def _expected_rows(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

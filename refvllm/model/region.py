@@ -134,6 +134,15 @@ def merge_adjacent(x: torch.Tensor, counts: torch.Tensor, k: int) -> tuple[torch
     link the live slots, so a step touches O x D values (the pair and its two neighbour similarities) rather
     than shifting O x T x D. ``sim[o, i]`` is the cosine of live slot i and the next live slot (-inf if none).
     """
+    # Merge decisions in float32 with autocast off: under CUDA autocast cosine_similarity returns bf16, which
+    # cannot be written into the float32 similarity table, and bf16 ties would make the choice less stable.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        out, n = _merge_adjacent_fp32(x.float(), counts, k)
+    return out.to(x.dtype), n
+
+
+def _merge_adjacent_fp32(x: torch.Tensor, counts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_adjacent` on float32 input."""
     o, t, d = x.shape
     rows, slots = torch.arange(o, device=x.device), torch.arange(t, device=x.device)
     sums = x.clone()  # feature sums; cosine of sums = cosine of means

@@ -242,3 +242,25 @@ def test_cuda_matches_cpu(mode):
     gpu = enc.cuda()(features.cuda(), masks.cuda(), frame.cuda(), obj.cuda(), 4)
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-4)
     assert torch.equal(mask_patch_weights(masks.cuda(), GRID, PATCH).cpu(), mask_patch_weights(masks, GRID, PATCH))
+
+
+def _merge_inputs():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(3, 6, 8, generator=g), torch.tensor([6, 4, 2])
+
+
+def test_merge_keeps_input_dtype_and_decides_in_float32():
+    x, counts = _merge_inputs()
+    ref, n_ref = merge_adjacent(x, counts, 2)
+    out, n = merge_adjacent(x.bfloat16(), counts, 2)
+    assert out.dtype == torch.bfloat16 and torch.equal(n, n_ref)
+    assert torch.allclose(out.float(), ref, atol=5e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (autocast returns bf16 similarities there)")
+def test_merge_under_cuda_autocast():
+    x, counts = _merge_inputs()
+    ref, _ = merge_adjacent(x, counts, 2)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, _ = merge_adjacent(x.cuda(), counts.cuda(), 2)
+    assert torch.allclose(out.cpu(), ref, atol=1e-5)
