@@ -1,0 +1,183 @@
+"""Export a training checkpoint, and load a checkpoint or an export for inference.
+
+    refvllm export --checkpoint DIR --out OUT [--merge] [--overwrite]
+    python scripts/export.py ...                                      (the same)
+
+    cfg, model, processor = load_for_inference(path, overrides=None)  # a checkpoint-STEP dir or an export dir
+
+The export directory (docs/export.md) needs nothing but the two base checkpoints the config names:
+
+    OUT/config.yaml                     the resolved training config (local model paths made absolute)
+    OUT/adapter/                        the LLM LoRA adapter, plain PEFT layout; adapter_config.json names the base
+    OUT/extra_trainables.safetensors    projector.*, region.* (and any other trained non-LoRA weight)
+    OUT/tokenizer/                      the LLM's tokenizer files (chat template included)
+    OUT/merged_llm/                     (--merge) the LLM with the adapter merged: a plain transformers causal-LM
+                                        directory with its tokenizer, loadable without peft
+    OUT/export.json                     what was written (also printed as the last line, one JSON object)
+
+It is written into a temporary sibling directory and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from refvllm.config import Config, dump_yaml, load_config
+from refvllm.errors import ConfigError
+from refvllm.train.checkpoint import ADAPTER_DIR, CONFIG_FILE, is_complete, load_trained_weights
+
+EXPORT_MANIFEST = "export.json"
+TOKENIZER_DIR = "tokenizer"
+MERGED_DIR = "merged_llm"
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def is_export_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / EXPORT_MANIFEST).is_file()
+
+
+def _check_loadable(path: Path) -> None:
+    if not path.is_dir():
+        raise ConfigError(f"'{path}' is not a directory (expected a checkpoint-STEP or an export directory)")
+    if not (is_export_dir(path) or is_complete(path)):
+        raise ConfigError(f"'{path}' is neither a complete training checkpoint nor an export directory")
+    if not (path / CONFIG_FILE).is_file():
+        raise ConfigError(f"'{path}' has no {CONFIG_FILE}")
+
+
+def load_config_of(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """The resolved config saved in a checkpoint or export directory, with ``key=value`` overrides."""
+    path = Path(path)
+    _check_loadable(path)
+    return load_config(path / CONFIG_FILE, overrides)
+
+
+def load_for_inference(path: str | os.PathLike, overrides: list[str] | None = None):
+    """``(cfg, model, processor)`` of a training checkpoint or an export directory; the model is in eval mode on
+    the CPU with every trained weight loaded (base checkpoints from the config's ``model.*_path``)."""
+    from refvllm.data.processor import Processor
+    from refvllm.model.build import build_model
+
+    cfg = load_config_of(path, overrides)
+    model = build_model(cfg, print_table=False)
+    load_trained_weights(model, path)
+    model.eval()
+    return cfg, model, Processor.from_config(cfg)
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def _absolute_if_local(path: str) -> str:
+    """A local model path as an absolute path (so the export loads from any working directory); hub ids stay."""
+    return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+
+def export_config(cfg: Config) -> Config:
+    """The config written with an export: local model paths absolute, nothing to resume or synthesise."""
+    cfg.model.vision_path = _absolute_if_local(cfg.model.vision_path)
+    cfg.model.llm_path = _absolute_if_local(cfg.model.llm_path)
+    cfg.train.resume = "none"
+    return cfg
+
+
+def _write_adapter(checkpoint: Path, cfg: Config, out: Path) -> str | None:
+    """Copy the PEFT adapter; its adapter_config.json then names the base LLM (absolute local path or hub id)."""
+    if not (checkpoint / ADAPTER_DIR).is_dir():
+        return None
+    shutil.copytree(checkpoint / ADAPTER_DIR, out / ADAPTER_DIR)
+    adapter_cfg = out / ADAPTER_DIR / "adapter_config.json"
+    data = json.loads(adapter_cfg.read_text())
+    data["base_model_name_or_path"] = cfg.model.llm_path
+    adapter_cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return str(out / ADAPTER_DIR)
+
+
+def _write_merged(checkpoint: Path, cfg: Config, out: Path) -> str:
+    """The LLM with the adapter merged (or the full-trained LLM) as a plain causal-LM directory + tokenizer, in
+    the training dtype ``model.dtype``. The merge itself runs in float32 (one rounding at the end)."""
+    from peft import PeftModel
+
+    from refvllm.model.build import DTYPES
+
+    _, model, processor = load_for_inference(checkpoint, ["model.dtype=float32"])
+    llm = model.llm.merge_and_unload() if isinstance(model.llm, PeftModel) else model.llm
+    llm = llm.to(DTYPES[cfg.model.dtype])
+    llm.save_pretrained(str(out / MERGED_DIR))
+    processor.tokenizer.save_pretrained(str(out / MERGED_DIR))
+    return str(out / MERGED_DIR)
+
+
+def _write_tokenizer(cfg: Config, out: Path) -> str:
+    from refvllm.data.processor import Processor
+
+    Processor.from_config(cfg).tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    return str(out / TOKENIZER_DIR)
+
+
+def _write_export(checkpoint: Path, out: Path, merge: bool) -> dict:
+    """Write every file of the export into ``out`` (a fresh directory); returns the manifest. The trained
+    weights are copied byte for byte from the checkpoint."""
+    from refvllm.model.build import EXTRA_FILE
+
+    cfg = export_config(load_config_of(checkpoint))
+    (out / CONFIG_FILE).write_text(dump_yaml(cfg))
+    shutil.copy2(checkpoint / EXTRA_FILE, out / EXTRA_FILE)
+    return {"checkpoint": str(checkpoint.resolve()), "config": CONFIG_FILE,
+            "adapter_dir": _write_adapter(checkpoint, cfg, out), "extra_trainables": str(out / EXTRA_FILE),
+            "tokenizer_dir": _write_tokenizer(cfg, out),
+            "merged_llm_dir": _write_merged(checkpoint, cfg, out) if merge else None}
+
+
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike, merge: bool = False,
+           overwrite: bool = False) -> dict:
+    """Export ``checkpoint`` to ``out`` atomically; returns the manifest with absolute paths of ``out``."""
+    checkpoint, out = Path(checkpoint), Path(out).resolve()
+    _check_loadable(checkpoint)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"export directory '{out}' exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        manifest = _write_export(checkpoint, tmp, merge)
+        manifest = {k: (v.replace(str(tmp), str(out)) if isinstance(v, str) else v) for k, v in manifest.items()}
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.chmod(0o755)
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return manifest
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first and deleted after."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(target, old)
+        os.rename(new, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(new, target)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="refvllm export", description="Export a training checkpoint: PEFT "
+                                     "adapter, projector/region weights, tokenizer, config (and a merged LLM).")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint-STEP directory of a training run")
+    parser.add_argument("--out", required=True, help="the export directory to write")
+    parser.add_argument("--merge", action="store_true", help="also write the LLM with the adapter merged")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT when it exists")
+    args = parser.parse_args(argv)
+    manifest = export(args.checkpoint, args.out, args.merge, args.overwrite)
+    print(json.dumps(manifest))
+    return 0

@@ -1,0 +1,95 @@
+"""Training end to end on tiny assets: the loss falls, checkpoints are complete, and a run killed with SIGKILL
+right after a checkpoint resumes exactly (same per-step losses, bitwise the same trained weights) without
+decoding the batches it had already consumed."""
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import assert_bitwise_equal, check_ok, losses, make_assets, overrides, run_training, weight_tensors
+
+from refvllm.data.dataset import ResumableSampler
+from refvllm.train.checkpoint import list_checkpoints
+from refvllm.train.loop import KILL_AFTER_SAVE_ENV
+
+pytestmark = pytest.mark.slow
+
+
+def _delete_media_of_first_samples(assets: dict, micro_batches: int) -> int:
+    """Remove the media of every sample in the first ``micro_batches`` global micro-batches (the ones the
+    checkpoint has consumed): a resume that decoded them again would skip them and fail (max_bad_samples=0)."""
+    records = json.loads(Path(assets["data.train_file"]).read_text())
+    sampler = ResumableSampler(len(records), seed=0, micro_batch_size=2)
+    consumed = {i for g in range(micro_batches) for i in sampler.global_microbatch(g)}
+    for i in consumed:
+        media = records[i].get("video") or records[i].get("image")
+        path = f"{assets['data.data_root']}/{media}"
+        if os.path.isdir(path):  # a video stored as a folder of frames
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return len(consumed)
+
+
+def test_kill_after_checkpoint_then_resume_is_exact(tmp_path):
+    assets = make_assets(tmp_path / "assets")  # its own: the test deletes media
+    # LoRA dropout on: exact resume needs the RNG states restored, not only weights and data position.
+    common = dict(model__lora__dropout=0.1, data__max_bad_samples=0, data__num_workers=1)
+    full = tmp_path / "full"
+    proc = run_training(overrides(assets, full, **common))
+    check_ok(proc)
+    assert [s for s, _ in list_checkpoints(full)] == [3, 6]
+    full_losses = losses(full)
+    assert [s for s, _ in full_losses] == [1, 2, 3, 4, 5, 6]
+    assert full_losses[-1][1] < full_losses[0][1] - 0.05  # it learns
+    record = json.loads((full / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["tokens_per_s"] > 0 and record["lr"] > 0 and record["num_skipped"] == 0
+    assert "resolved config:" in proc.stdout and "train:" in proc.stdout
+    assert (full / "loss_curve.png").is_file()
+
+    killed = tmp_path / "killed"
+    proc = run_training(overrides(assets, killed, **common), env={KILL_AFTER_SAVE_ENV: "3"})
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-4000:]
+    assert [s for s, _ in list_checkpoints(killed)] == [3]
+    assert losses(killed) == full_losses[:3]
+
+    # The checkpoint is at global micro-batch 6 (3 steps x grad_accum 2): its samples are gone now.
+    assert _delete_media_of_first_samples(assets, micro_batches=6) >= 6
+    proc = run_training(overrides(assets, killed, **common))
+    check_ok(proc)
+    assert "resuming from" in proc.stdout and "checkpoint-3" in proc.stdout
+    assert losses(killed) == full_losses  # same floats, same steps, no duplicate lines
+    trained = weight_tensors(full / "checkpoint-6")
+    assert any(k.startswith("adapter.") for k in trained) and any(k.startswith("region.") for k in trained)
+    assert_bitwise_equal(weight_tensors(killed / "checkpoint-6"), trained)
+    opt_a = torch.load(full / "checkpoint-6" / "optimizer.pt", weights_only=True)
+    opt_b = torch.load(killed / "checkpoint-6" / "optimizer.pt", weights_only=True)
+    for key, state in opt_a["state"].items():
+        assert all(torch.equal(state[k], opt_b["state"][key][k]) for k in state)
+    trainer = json.loads((killed / "checkpoint-6" / "trainer_state.json").read_text())
+    assert trainer["step"] == 6 and trainer["sampler"]["position"] == 12 and trainer["num_skipped"] == 0
+
+
+def test_bad_samples_are_counted_then_stop_training(tmp_path):
+    """Both samples of step 1 have no media: step 1 runs the dummy batch (loss 0) and counts 2 skips; one more
+    bad sample at step 3 passes data.max_bad_samples=2 and training stops with one clear line (no traceback)."""
+    assets = make_assets(tmp_path / "assets", num_train=16)
+    records = json.loads(Path(assets["data.train_file"]).read_text())
+    sampler = ResumableSampler(len(records), seed=0, micro_batch_size=2)
+    bad = [*sampler.global_microbatch(0), sampler.global_microbatch(2)[0]]
+    for i in bad:
+        records[i]["video" if "video" in records[i] else "image"] = "missing/nowhere.mp4"
+    Path(assets["data.train_file"]).write_text(json.dumps(records))
+    out = tmp_path / "run"
+    proc = run_training(overrides(assets, out, data__max_bad_samples=2, train__grad_accum=1, train__max_steps=4))
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    (error,) = [line for line in proc.stdout.splitlines() if line.startswith("error: ")]
+    assert "data.max_bad_samples=2" in error and f"sample {bad[-1]}" in error
+    assert "Traceback" not in proc.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["num_skipped"], r["samples"]) for r in records] == [(1, 2, 0), (2, 2, 2)]
+    assert records[0]["loss"] == 0.0 and records[1]["loss"] > 1.0

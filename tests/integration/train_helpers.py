@@ -1,0 +1,86 @@
+"""Shared by the training/export integration tests: tiny assets made once, training runs in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).parents[2]
+TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
+
+
+def make_assets(root: Path, num_train: int = 32) -> dict[str, str]:
+    """Synthetic data and tiny checkpoints under ``root``; returns the config overrides that point at them."""
+    from refvllm.data.synthetic import generate
+    from refvllm.model.tiny import write_tiny_checkpoints
+
+    files = generate(root / "data", num_train=num_train, num_eval=4, seed=0)
+    paths = write_tiny_checkpoints(root / "tiny", seed=0)
+    return {
+        "data.train_file": str(files.train_file),
+        "data.eval_file": str(files.eval_file),
+        "data.data_root": str(root / "data"),
+        "data.index_cache_dir": str(root / "index-cache"),
+        "data.synth.enabled": "false",
+        "model.tiny": "false",
+        "model.vision_path": paths["vision"],
+        "model.llm_path": paths["llm"],
+    }
+
+
+def overrides(assets: dict[str, str], output_dir: Path, **extra) -> list[str]:
+    """``key=value`` arguments: the demo config shrunk to a few fast steps on the tiny assets."""
+    values = {**assets, "model.train_llm": "lora", "data.num_frames": 4, "data.num_workers": 0,
+              "train.micro_batch_size": 2, "train.grad_accum": 2, "train.max_steps": 6, "train.save_steps": 3,
+              "train.save_total_limit": 0, "train.warmup_steps": 2, "train.output_dir": str(output_dir),
+              "train.tensorboard": "false", "train.resume": "auto"}
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_training(args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300):
+    """Run scripts/train.py (torchrun with ``nproc`` > 1) with the demo config and ``args``; returns the
+    CompletedProcess (stdout and stderr merged)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    else:
+        cmd = [sys.executable]
+    cmd += [str(TRAIN_SCRIPT), "--config", str(ROOT / "configs" / "demo.yaml"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
+
+
+def check_ok(proc) -> None:
+    assert proc.returncode == 0, proc.stdout[-6000:]
+
+
+def losses(output_dir: Path) -> list[tuple[int, float]]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
+
+
+def weight_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The trained weights of a checkpoint (extra trainables + LoRA adapter), by name."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(checkpoint / "extra_trainables.safetensors"))
+    adapter = checkpoint / "adapter" / "adapter_model.safetensors"
+    if adapter.is_file():
+        tensors.update({f"adapter.{k}": v for k, v in load_file(str(adapter)).items()})
+    return tensors
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Same names, dtypes and bit patterns (safetensors' header metadata order is not deterministic, so the
+    files themselves are not compared byte for byte)."""
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), f"{name} differs"
