@@ -14,7 +14,7 @@ TORCH_CPU ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo train eval test test-fast lint bench clean
+.PHONY: install demo demo-data train eval test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -26,8 +26,27 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-demo: $(STAMP)
-	$(BIN)/python scripts/demo.py --out $(DEMO_DIR)
+# The embedded default, end to end: data (validated, one sample rendered), training, evaluation.
+demo: $(STAMP) demo-data train eval
+
+demo-data: $(STAMP)
+	$(BIN)/refvllm synth $(DEMO_DIR)/data --train 600 --eval 120 --seed 0
+	$(BIN)/refvllm validate $(DEMO_DIR)/data/train.json --data-root $(DEMO_DIR)/data --report $(DEMO_DIR)/data/validate.jsonl
+	$(BIN)/refvllm show $(DEMO_DIR)/data/train.json --data-root $(DEMO_DIR)/data --index 0 --out $(DEMO_DIR)/sample.png
+
+train: $(STAMP)
+	$(BIN)/accelerate launch --num_processes 1 scripts/train.py --config configs/demo.yaml
+
+# Evaluates the newest demo checkpoint: the eval split, the same with region tokens zeroed, and a fresh split
+# generated with another seed.
+eval: $(STAMP)
+	$(BIN)/refvllm eval --model $(DEMO_DIR)/train --data $(DEMO_DIR)/data/eval.json --data-root $(DEMO_DIR)/data \
+		--out $(DEMO_DIR)/eval/metrics.json
+	$(BIN)/refvllm eval --model $(DEMO_DIR)/train --data $(DEMO_DIR)/data/eval.json --data-root $(DEMO_DIR)/data \
+		--out $(DEMO_DIR)/eval/metrics_ablated.json --ablate-regions
+	$(BIN)/refvllm synth $(DEMO_DIR)/data_seed1 --train 0 --eval 240 --seed 1
+	$(BIN)/refvllm eval --model $(DEMO_DIR)/train --data $(DEMO_DIR)/data_seed1/eval.json \
+		--data-root $(DEMO_DIR)/data_seed1 --out $(DEMO_DIR)/eval/metrics_seed1.json
 
 # pytest exits 5 when no test was collected: not a failure of the suite.
 test: $(STAMP)
