@@ -51,7 +51,7 @@ def build_model(cfg: Config, print_table: bool = True) -> RefVLM:
     width = llm.get_input_embeddings().embedding_dim
     projector = Projector(vision.hidden_size, width, m.projector.hidden_size or width, layout)
     region = RegionEncoder(vision.hidden_size, width, m.region.hidden_size or width, layout, spec.patch_size,
-                           m.region.pooling)
+                           m.region.pooling, m.region.geometry)
     vision = _set_vision_trainability(vision, m.train_vision, m.vision_lora, m.gradient_checkpointing)
     llm = _set_llm_trainability(llm, m.train_llm, m.lora, m.gradient_checkpointing)
     projector.requires_grad_(m.train_projector == "full")

@@ -68,6 +68,24 @@ def mask_patch_weights(masks: torch.Tensor, grid: int, patch: int, pooling: str 
     return weights / total[:, None]
 
 
+GEOMETRY_DIM = 6
+
+
+def mask_geometry(weights: torch.Tensor, grid: int) -> torch.Tensor:
+    """Pooling weights [N_M, grid*grid] -> [N_M, 6]: weighted centroid (x, y) and box (x0, y0, x1, y1) of the
+    patches each mask covers, in [0, 1] grid coordinates (patch centres)."""
+    w = weights.float().unflatten(1, (grid, grid))  # [N, row, col]
+    pos = (torch.arange(grid, device=w.device, dtype=torch.float32) + 0.5) / grid
+    col_mass, row_mass = w.sum(1), w.sum(2)  # [N, grid] each; rows of weights sum to 1
+    cx, cy = col_mass @ pos, row_mass @ pos
+    big = torch.tensor(2.0, device=w.device)
+    x0 = torch.where(col_mass > 0, pos, big).amin(1)
+    y0 = torch.where(row_mass > 0, pos, big).amin(1)
+    x1 = torch.where(col_mass > 0, pos, -big).amax(1)
+    y1 = torch.where(row_mass > 0, pos, -big).amax(1)
+    return torch.stack([cx, cy, x0, y0, x1, y1], dim=1)
+
+
 def patch_coverage(masks: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
     """bool [N, S, S] -> float32 [N, grid, grid]: the fraction of each patch's pixels that the mask covers.
 
@@ -184,12 +202,18 @@ class RegionEncoder(nn.Module):
     """Mask pooling + temporal merge + 2-layer MLP. See the module docstring for the contract."""
 
     def __init__(self, vision_dim: int, llm_dim: int, hidden: int, layout: TokenLayout, patch_size: int,
-                 pooling: str = "area"):
+                 pooling: str = "area", geometry: bool = False):
         super().__init__()
         if pooling not in POOLING_MODES:
             raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
         self.layout, self.patch_size, self.pooling = layout, patch_size, pooling
         self.mlp = mlp(vision_dim, hidden, llm_dim)
+        # Optional: where the mask lies (centroid and box on the patch grid), embedded and added to the pooled
+        # feature. Zero-initialised, so training starts exactly at plain mask pooling.
+        self.geometry = nn.Linear(GEOMETRY_DIM, vision_dim) if geometry else None
+        if self.geometry is not None:
+            nn.init.zeros_(self.geometry.weight)
+            nn.init.zeros_(self.geometry.bias)
 
     def pool(self, features: torch.Tensor, region_masks: torch.Tensor,
              region_frame_index: torch.Tensor) -> torch.Tensor:
@@ -198,7 +222,10 @@ class RegionEncoder(nn.Module):
             raise ModelInputError(f"region_frame_index holds frame {int(region_frame_index.max())} but the batch "
                                   f"has {features.shape[0]} frames")
         weights = mask_patch_weights(region_masks, self.layout.grid, self.patch_size, self.pooling)
-        return pool_regions(features, weights, region_frame_index)
+        pooled = pool_regions(features, weights, region_frame_index)
+        if self.geometry is not None:
+            pooled = pooled + self.geometry(mask_geometry(weights, self.layout.grid).to(pooled.dtype))
+        return pooled
 
     def merge(self, pooled: torch.Tensor, region_frame_index: torch.Tensor, region_object_index: torch.Tensor,
               num_objects: int) -> torch.Tensor:

@@ -264,3 +264,30 @@ def test_merge_under_cuda_autocast():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out, _ = merge_adjacent(x.cuda(), counts.cuda(), 2)
     assert torch.allclose(out.cpu(), ref, atol=1e-5)
+
+
+def test_mask_geometry_centroid_and_box():
+    from refvllm.model.region import mask_geometry
+
+    grid = 4
+    w = torch.zeros(1, grid, grid)
+    w[0, 1, 2] = w[0, 1, 3] = 0.5  # row 1, columns 2-3
+    geo = mask_geometry(w.flatten(1), grid)[0]
+    assert torch.allclose(geo, torch.tensor([3.0 / 4, 1.5 / 4, 2.5 / 4, 1.5 / 4, 3.5 / 4, 1.5 / 4]))
+
+
+def test_geometry_starts_at_plain_pooling_and_learns_position():
+    layout = TokenLayout(4, 1, 1, 4, "none")
+    plain = RegionEncoder(8, 16, 16, layout, 8)
+    geo = RegionEncoder(8, 16, 16, layout, 8, geometry=True)
+    geo.mlp.load_state_dict(plain.mlp.state_dict())
+    feats = torch.randn(1, 16, 8)
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[0, :8, :8] = True  # top-left patch
+    masks[1, :8, 24:] = True  # top-right patch
+    index = (torch.tensor([0, 0]), torch.tensor([0, 1]), 2)
+    assert torch.equal(plain(feats, masks, *index), geo(feats, masks, *index))  # zero init: identical at start
+    geo.geometry.weight.data.normal_()
+    same_feats = torch.ones(1, 16, 8)  # identical features everywhere: only geometry can tell them apart
+    out = geo(same_feats, masks, *index)
+    assert not torch.allclose(out[0], out[1])
