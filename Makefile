@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP) demo-data train eval
 
 demo-data: $(STAMP)
-	$(BIN)/refvllm synth $(DEMO_DIR)/data --train 600 --eval 120 --seed 0
+	$(BIN)/refvllm synth $(DEMO_DIR)/data --train 4000 --eval 120 --seed 0
 	$(BIN)/refvllm validate $(DEMO_DIR)/data/train.json --data-root $(DEMO_DIR)/data --report $(DEMO_DIR)/data/validate.jsonl
 	$(BIN)/refvllm show $(DEMO_DIR)/data/train.json --data-root $(DEMO_DIR)/data --index 0 --out $(DEMO_DIR)/sample.png
 
