@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from refvllm.data.decode import _non_empty_frames, object_rles  # the training path's own frame-plan inputs
+from refvllm.data.decode import plan_sample
 from refvllm.data.index import SampleIndex
-from refvllm.data.masks import decode_rle, rle_area
-from refvllm.data.media import check_mask_frames, open_media, plan_frames
+from refvllm.data.masks import decode_rle
 from refvllm.data.schema import parse_sample
 from refvllm.data.types import FramePlan, Sample
 from refvllm.errors import DataError
@@ -66,17 +65,13 @@ def load_view(data_file: str | os.PathLike, data_root: str | os.PathLike, index:
     """Read sample ``index`` and plan its frames exactly as :func:`refvllm.data.decode.decode_sample` does (empty
     masks dropped, an image is one frame), then decode those frames and the kept masks at media resolution."""
     sample = read_sample(data_file, index)
+    planned = plan_sample(sample, data_root, num_frames, mask_resize)  # the training path's own plan
     try:
-        reader = open_media(data_root, sample)
-        check_mask_frames(reader.num_frames, [list(obj) for obj in sample.objects])
-        rles = object_rles(sample, reader.height, reader.width, mask_resize)
-        areas = [{f: rle_area(rle) for f, rle in obj.items()} for obj in rles]
-        budget = num_frames if sample.media_type == "video" else 1
-        plan = plan_frames(reader.num_frames, budget, _non_empty_frames(areas))
-        frames = reader.read(plan.frame_indices)
+        frames = planned.reader.read(planned.plan.frame_indices)
     except DataError as e:
         raise e.with_sample(sample.index, sample.id) from None
-    masks = [{f: decode_rle(rles[k][f]) for f in kept} for k, kept in enumerate(plan.object_frames)]
+    plan = planned.plan
+    masks = [{f: decode_rle(planned.rles[k][f]) for f in kept} for k, kept in enumerate(plan.object_frames)]
     return SampleView(sample, plan, frames, masks)
 
 
