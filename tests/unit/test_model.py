@@ -217,20 +217,14 @@ def test_towers_and_llms_work_end_to_end(ckpt, vision, llm):
 def test_full_checkpoint_loads_only_its_vision_tower(tmp_path, kind):
     import transformers
 
-    if kind == "siglip":
-        cfg = transformers.SiglipConfig(
-            vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=2, num_attention_heads=4),
-            text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                             num_attention_heads=4))
-        full = transformers.SiglipModel(cfg)
-    else:
-        cfg = transformers.CLIPConfig(
-            vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=2, num_attention_heads=4),
-            text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                             num_attention_heads=4))
-        full = transformers.CLIPModel(cfg)
+    config_cls, model_cls = {"siglip": (transformers.SiglipConfig, transformers.SiglipModel),
+                             "clip": (transformers.CLIPConfig, transformers.CLIPModel)}[kind]
+    cfg = config_cls(
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4),
+        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4))
+    full = model_cls(cfg)
     full.save_pretrained(tmp_path)
     tower = VisionTower.from_pretrained(str(tmp_path), feature_layer=-2)
     x = torch.randn(2, 3, 32, 32)
