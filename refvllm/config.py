@@ -74,7 +74,7 @@ class RegionConfig:
     pooling: str = "area"  # area (coverage-weighted) | binary (bilinear + >0, reference parity)
     max_tokens: int = 4  # K: at most K region tokens per object after the temporal merge
     merge: str = "merge"  # merge (adjacent-similarity) | uniform (equal bins) | none (one token per mask frame)
-    geometry: bool = False  # add a learned embedding of each mask's centroid and box to its pooled feature
+    geometry: bool = False  # add a learned embedding of mask centroid, box and displacement since the first frame
     hidden_size: int = 0  # MLP hidden width; 0 = the LLM's hidden size
 
 

@@ -68,7 +68,7 @@ def mask_patch_weights(masks: torch.Tensor, grid: int, patch: int, pooling: str 
     return weights / total[:, None]
 
 
-GEOMETRY_DIM = 6
+GEOMETRY_DIM = 8
 
 
 def mask_geometry(weights: torch.Tensor, grid: int) -> torch.Tensor:
@@ -84,6 +84,19 @@ def mask_geometry(weights: torch.Tensor, grid: int) -> torch.Tensor:
     x1 = torch.where(col_mass > 0, pos, -big).amax(1)
     y1 = torch.where(row_mass > 0, pos, -big).amax(1)
     return torch.stack([cx, cy, x0, y0, x1, y1], dim=1)
+
+
+def region_geometry(weights: torch.Tensor, grid: int, frame_index: torch.Tensor, object_index: torch.Tensor,
+                    num_objects: int) -> torch.Tensor:
+    """[N_M, GEOMETRY_DIM] per mask: :func:`mask_geometry` (centroid and box) plus the centroid's displacement
+    from the object's first mask frame, so a token states where the object has moved without the LLM having to
+    subtract two tokens. Frame indices are global frame rows, in time order within a sample."""
+    geo = mask_geometry(weights, grid)
+    first = torch.full((num_objects,), torch.iinfo(torch.long).max, dtype=torch.long, device=geo.device)
+    first = first.scatter_reduce(0, object_index, frame_index, reduce="amin")
+    is_first = frame_index == first[object_index]
+    start = geo.new_zeros(num_objects, 2).index_copy_(0, object_index[is_first], geo[is_first, :2])
+    return torch.cat([geo, geo[:, :2] - start[object_index]], dim=1)
 
 
 def patch_coverage(masks: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
@@ -215,16 +228,20 @@ class RegionEncoder(nn.Module):
             nn.init.zeros_(self.geometry.weight)
             nn.init.zeros_(self.geometry.bias)
 
-    def pool(self, features: torch.Tensor, region_masks: torch.Tensor,
-             region_frame_index: torch.Tensor) -> torch.Tensor:
-        """[N_F, P, D_v] features, bool [N_M, S, S] masks, [N_M] frames -> [N_M, D_v] pooled features."""
+    def pool(self, features: torch.Tensor, region_masks: torch.Tensor, region_frame_index: torch.Tensor,
+             region_object_index: torch.Tensor | None = None, num_objects: int = 0) -> torch.Tensor:
+        """[N_F, P, D_v] features, bool [N_M, S, S] masks, [N_M] frames -> [N_M, D_v] pooled features.
+        With geometry on, the objects of the masks ([N_M], ``num_objects``) are needed too."""
         if int(region_frame_index.max()) >= features.shape[0] or int(region_frame_index.min()) < 0:
             raise ModelInputError(f"region_frame_index holds frame {int(region_frame_index.max())} but the batch "
                                   f"has {features.shape[0]} frames")
         weights = mask_patch_weights(region_masks, self.layout.grid, self.patch_size, self.pooling)
         pooled = pool_regions(features, weights, region_frame_index)
         if self.geometry is not None:
-            pooled = pooled + self.geometry(mask_geometry(weights, self.layout.grid).to(pooled.dtype))
+            if region_object_index is None:
+                raise ValueError("region geometry needs region_object_index and num_objects")
+            geo = region_geometry(weights, self.layout.grid, region_frame_index, region_object_index, num_objects)
+            pooled = pooled + self.geometry(geo.to(pooled.dtype))
         return pooled
 
     def merge(self, pooled: torch.Tensor, region_frame_index: torch.Tensor, region_object_index: torch.Tensor,
@@ -254,5 +271,5 @@ class RegionEncoder(nn.Module):
         """See the module docstring. With no masks, returns an empty [0, D_llm] tensor."""
         if region_masks.shape[0] == 0:
             return self.mlp(features.new_zeros(0, features.shape[-1]))
-        pooled = self.pool(features, region_masks, region_frame_index)
+        pooled = self.pool(features, region_masks, region_frame_index, region_object_index, num_objects)
         return self.mlp(self.merge(pooled, region_frame_index, region_object_index, num_objects))

@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 from refvllm.errors import ModelInputError
 from refvllm.model.layout import TokenLayout
-from refvllm.model.region import RegionEncoder, mask_patch_weights, merge_adjacent, pool_regions
+from refvllm.model.region import (
+    RegionEncoder,
+    mask_geometry,
+    mask_patch_weights,
+    merge_adjacent,
+    pool_regions,
+    region_geometry,
+)
 
 GRID, PATCH, S, D = 8, 8, 64, 16
 
@@ -267,8 +274,6 @@ def test_merge_under_cuda_autocast():
 
 
 def test_mask_geometry_centroid_and_box():
-    from refvllm.model.region import mask_geometry
-
     grid = 4
     w = torch.zeros(1, grid, grid)
     w[0, 1, 2] = w[0, 1, 3] = 0.5  # row 1, columns 2-3
@@ -291,3 +296,16 @@ def test_geometry_starts_at_plain_pooling_and_learns_position():
     same_feats = torch.ones(1, 16, 8)  # identical features everywhere: only geometry can tell them apart
     out = geo(same_feats, masks, *index)
     assert not torch.allclose(out[0], out[1])
+
+
+def test_region_geometry_adds_displacement_from_first_frame():
+    grid = 4
+    w = torch.zeros(3, grid, grid)
+    w[0, 0, 3] = 1.0  # object 0 at its later frame 7: patch (row 0, col 3)
+    w[1, 0, 0] = 1.0  # object 0 at its first frame 5: patch (row 0, col 0)
+    w[2, 2, 2] = 1.0  # object 1, one frame
+    geo = region_geometry(w.flatten(1), grid, torch.tensor([7, 5, 5]), torch.tensor([0, 0, 1]), 2)
+    assert torch.allclose(geo[0, 6:], torch.tensor([0.75, 0.0]))  # moved right by 3 of 4 patches
+    assert torch.allclose(geo[1, 6:], torch.zeros(2)) and torch.allclose(geo[2, 6:], torch.zeros(2))
+    assert torch.allclose(geo[:, :6], mask_geometry(w.flatten(1), grid))
+
