@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from refvllm.constants import REGION_PLACEHOLDER
+from refvllm.data.masks import encode_rle
 from refvllm.data.media import IMAGE_EXTENSIONS
 from refvllm.data.types import Sample
 from refvllm.errors import ConfigError, DataError
@@ -77,8 +78,6 @@ def default_device() -> torch.device:
 
 def mask_to_rle(mask: Any, where: str = "mask") -> dict:
     """A 2-D mask (non-zero = object) as a JSON-ready COCO compressed RLE ``{"size": [H, W], "counts": str}``."""
-    from refvllm.data.synthetic import encode_rle
-
     array = np.asarray(mask)
     if array.ndim != 2:
         raise DataError(f"{where}: a mask must be 2-D [H, W], got shape {tuple(array.shape)}")

@@ -15,7 +15,8 @@ from typing import Any
 import av
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
+
+from refvllm.data.masks import encode_rle, encode_uncompressed_rle
 
 LEVEL_STEP = 12  # grey-level step between consecutive frames of indexed_frames (robust to x264 at crf 10)
 
@@ -74,19 +75,12 @@ def box_mask(height: int, width: int, y0: int, y1: int, x0: int, x1: int) -> np.
 
 def rle(mask: np.ndarray) -> dict[str, Any]:
     """Compressed COCO RLE with ``counts`` as str (as it appears in JSON)."""
-    encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
+    return encode_rle(mask)
 
 
 def uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
     """Uncompressed COCO RLE: column-major run lengths starting with a run of zeros."""
-    flat = mask.astype(np.uint8).flatten(order="F")
-    changes = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate(([0], changes, [flat.size]))
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0] == 1:
-        counts = [0, *counts]
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
+    return encode_uncompressed_rle(mask)
 
 
 def box_polygon(y0: int, y1: int, x0: int, x1: int) -> list[list[float]]:

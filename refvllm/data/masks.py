@@ -350,3 +350,19 @@ def resize_mask_any(mask: np.ndarray, size: int) -> np.ndarray:
     if mask.ndim != 2:
         raise ValueError(f"resize_mask_any expects a 2-D mask, got shape {mask.shape}")
     return np.ascontiguousarray(_any_axis(_any_axis(mask.astype(bool, copy=False), size, 0), size, 1))
+
+
+def encode_rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO compressed RLE of a mask [H, W] (non-zero = object), ``counts`` as str: JSON-ready."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(bool).astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def encode_uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO uncompressed RLE: run lengths over the column-major pixels, starting with a (maybe empty) 0-run."""
+    flat = mask.astype(bool).astype(np.uint8).ravel(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    if flat.size and flat[0] == 1:
+        runs = [0, *runs]
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(r) for r in runs]}

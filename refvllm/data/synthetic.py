@@ -44,6 +44,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image
 
+from refvllm.data.masks import encode_rle, encode_uncompressed_rle
 from refvllm.errors import ConfigError
 
 FRAME_SIZE = 64  # media height = width (px); the tiny vision tower's input size, so no resampling blur
@@ -215,23 +216,6 @@ def render(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------- mask encodings
-
-
-def encode_rle(mask: np.ndarray) -> dict[str, Any]:
-    """COCO compressed RLE of a bool [H, W] mask, ``counts`` as str (JSON-ready)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
-
-
-def encode_uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
-    """COCO uncompressed RLE: run lengths over the column-major pixels, starting with a (maybe empty) 0-run."""
-    flat = mask.astype(np.uint8).ravel(order="F")
-    change = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    runs = np.diff(bounds).tolist()
-    if flat[0] == 1:
-        runs = [0, *runs]
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(r) for r in runs]}
 
 
 def encode_segmentation(mask: np.ndarray, fmt: str, obj: SceneObject, frame: int) -> Any:
