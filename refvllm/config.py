@@ -76,6 +76,9 @@ class RegionConfig:
     merge: str = "merge"  # merge (adjacent-similarity) | uniform (equal bins) | none (one token per mask frame)
     geometry: bool = False  # add a learned embedding of mask centroid, box and displacement since the first frame
     hidden_size: int = 0  # MLP hidden width; 0 = the LLM's hidden size
+    # Training only: the probability that a sample's region tokens are replaced by zeros (the input
+    # --ablate-regions gives), so the model learns to guess among the question's answers without region evidence.
+    dropout: float = 0.0
 
 
 @dataclass
@@ -309,6 +312,8 @@ def validate_config(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be >= 1; got {_get(cfg, key)}")
     if cfg.train.max_steps < 0 or cfg.train.save_steps < 0 or cfg.train.warmup_steps < 0:
         raise ConfigError("config keys 'train.max_steps', 'train.save_steps', 'train.warmup_steps' must be >= 0")
+    if not 0.0 <= cfg.model.region.dropout < 1.0:
+        raise ConfigError(f"config key 'model.region.dropout' must be in [0, 1); got {cfg.model.region.dropout}")
     if (cfg.model.image_mean is None) != (cfg.model.image_std is None):
         raise ConfigError("config keys 'model.image_mean' and 'model.image_std' must be set together")
 

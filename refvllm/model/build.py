@@ -56,7 +56,7 @@ def build_model(cfg: Config, print_table: bool = True) -> RefVLM:
     llm = _set_llm_trainability(llm, m.train_llm, m.lora, m.gradient_checkpointing)
     projector.requires_grad_(m.train_projector == "full")
     region.requires_grad_(m.train_region == "full")
-    model = RefVLM(vision, projector, region, llm, layout, _pad_token_id(llm))
+    model = RefVLM(vision, projector, region, llm, layout, _pad_token_id(llm), m.region.dropout)
     if print_table:
         print(format_parameter_table(parameter_counts(model)))
     return model

@@ -4,6 +4,8 @@ Contract (batch layout: docs/architecture.md, "A batch"):
     out = model(batch)                                  # CausalLMOutputWithPast(loss, logits)
     out = model(batch, loss_normalizer=n)               # loss = summed token loss / n (accumulation windows)
     out = model(batch, ablate_regions=True)             # region tokens replaced by zeros
+    model.train(); out = model(batch)                   # with region_dropout p: each sample's region tokens
+                                                        # are zeroed with probability p (training only)
     new_ids = model.generate(left_padded(batch), max_new_tokens=8)   # [B, new] (only the new tokens)
 
 Sentinel positions (VISUAL_TOKEN_ID, REGION_TOKEN_ID) are replaced by the pad id before the embedding lookup and
@@ -49,11 +51,14 @@ class RefVLM(nn.Module):
     """Vision tower, projector, region encoder and causal LM (``llm`` may be a PEFT model)."""
 
     def __init__(self, vision: VisionTower, projector: Projector, region: RegionEncoder, llm: nn.Module,
-                 layout: TokenLayout, pad_token_id: int = 0):
+                 layout: TokenLayout, pad_token_id: int = 0, region_dropout: float = 0.0):
         super().__init__()
+        if not 0.0 <= region_dropout < 1.0:
+            raise ValueError(f"region_dropout must be in [0, 1), got {region_dropout}")
         self.vision, self.projector, self.region, self.llm = vision, projector, region, llm
         self.layout = layout
         self.pad_token_id = pad_token_id
+        self.region_dropout = region_dropout
 
     # ----------------------------------------------------------------------------------------- features
     def _features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -155,9 +160,18 @@ class RefVLM(nn.Module):
         visual, region = visual.to(embeds.dtype), region.to(embeds.dtype)
         if ablate_regions:
             region = torch.zeros_like(region)
+        elif self.training and self.region_dropout > 0 and region.shape[0]:
+            region = self._drop_regions(region, is_region)
         embeds = embeds.masked_scatter(is_visual[..., None], visual)
         embeds = embeds.masked_scatter(is_region[..., None], region)
         return embeds, dummy
+
+    def _drop_regions(self, region: torch.Tensor, is_region: torch.Tensor) -> torch.Tensor:
+        """Region tokens [N_R, D] with every token of a sample zeroed with probability ``region_dropout``, drawn
+        per sample (all of a sample's objects together, exactly what ``ablate_regions`` does to every sample)."""
+        sample_of_row = is_region.nonzero()[:, 0]  # row-major order = the order masked_scatter fills
+        keep = torch.rand(is_region.shape[0], device=region.device) >= self.region_dropout
+        return region * keep[sample_of_row, None].to(region.dtype)
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, batch: dict, loss_normalizer: float | None = None,

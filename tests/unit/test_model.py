@@ -145,6 +145,31 @@ def test_ablate_regions_zeroes_region_positions_only(ckpt):
     torch.testing.assert_close(ablated[~is_region], normal[~is_region])
 
 
+
+def test_region_dropout_zeroes_whole_samples_in_training_only(ckpt):
+    model = make_model(ckpt, "siglip", "qwen2", "model.region.dropout=0.5")
+    batch = collate(three_samples(model.layout))
+    is_region = batch["input_ids"] == REGION_TOKEN_ID
+    normal, _ = model.embed(batch)  # eval mode: dropout never applies
+    model.train()
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        dropped, _ = model.embed(batch)
+        torch.testing.assert_close(dropped[~is_region], normal[~is_region])
+        for i in range(3):
+            rows = dropped[i][is_region[i]]
+            zeroed = bool(rows.abs().sum() == 0)
+            if not zeroed:  # a kept sample keeps exactly its tokens
+                torch.testing.assert_close(rows, normal[i][is_region[i]])
+            seen.add((i, zeroed))
+    assert seen == {(i, z) for i in range(3) for z in (True, False)}  # each sample both dropped and kept
+
+
+def test_region_dropout_out_of_range_is_a_config_error(ckpt):
+    with pytest.raises(ConfigError, match="model.region.dropout"):
+        make_model(ckpt, "siglip", "qwen2", "model.region.dropout=1.0")
+
 def _grads(model, batch):
     model.train()
     model.zero_grad(set_to_none=True)
