@@ -21,12 +21,13 @@ COMMANDS = {
     "export": ("refvllm.export", "export a checkpoint: PEFT adapter, extra weights, tokenizer, config"),
     "eval": ("refvllm.eval.run", "evaluate a checkpoint or export on a data file"),
     "infer": ("refvllm.infer", "ask a question about objects in a video or image"),
+    "region-check": ("refvllm.eval.claim", "check an eval against its --ablate-regions twin (region types)"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: refvllm COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "run 'refvllm COMMAND --help' for a command's options"]
     return "\n".join(lines)
 
