@@ -1,6 +1,6 @@
 """A smaller version of the demo's claim (README, issue 5): trained briefly on synthetic data, the tiny model
-answers questions that need a region far above chance, and falls back to about chance when its region tokens are
-zeroed, while a question that needs no region is unaffected by that."""
+answers questions that need a region far above chance, and falls back to about chance (not below it) when its region
+tokens are zeroed, while a question that needs no region is unaffected by that."""
 
 from __future__ import annotations
 
@@ -39,8 +39,10 @@ def test_region_pathway_learns(tmp_path):
     ablated = evaluate(engine, fresh.eval_file, fresh.data_root, tmp_path / "a.json", ablate_regions=True,
                        progress=False)
     chance = sum(plain["per_type"][t]["chance"] for t in REGION_TYPES) / len(REGION_TYPES)
-    # Measured at 600 steps: colour/shape types 0.875 pooled, all region types 0.71 (chance 0.32), 0.0 ablated.
+    # Measured at 600 steps (region dropout 0.1, as in the demo): colour/shape types 0.83 pooled, all region types
+    # 0.65 (chance 0.32; motion is not learned this early: 0.08), ablated 0.29 pooled. Without region dropout the
+    # ablated model answered off-type (0.0), which the lower bound catches.
     assert _accuracy(plain, ("colour", "shape", "image_colour", "image_shape")) >= 0.75
     assert _accuracy(plain, REGION_TYPES) >= chance + 0.25
-    assert _accuracy(ablated, REGION_TYPES) <= chance + 0.15
+    assert chance - 0.15 <= _accuracy(ablated, REGION_TYPES) <= chance + 0.15
     assert ablated["per_type"]["video_count"]["accuracy"] >= plain["per_type"]["video_count"]["accuracy"] - 0.1
