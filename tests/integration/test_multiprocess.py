@@ -10,8 +10,9 @@ from refvllm.train.loop import KILL_AFTER_SAVE_ENV
 
 pytestmark = pytest.mark.slow
 
-# Dropout off: the two layouts draw their dropout masks from different per-process RNG streams.
-COMMON = dict(model__lora__dropout=0.0, train__max_steps=4, train__save_steps=2)
+# Dropout (LoRA and region) off: the two layouts draw their dropout masks from different per-process RNG streams.
+# Resume with dropout on (RNG states checkpointed) is covered by test_train.py.
+COMMON = dict(model__lora__dropout=0.0, model__region__dropout=0.0, train__max_steps=4, train__save_steps=2)
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ def _delete_media_of_first_samples(assets: dict, micro_batches: int) -> int:
 
 def test_kill_after_checkpoint_then_resume_is_exact(tmp_path):
     assets = make_assets(tmp_path / "assets")  # its own: the test deletes media
-    # LoRA dropout on: exact resume needs the RNG states restored, not only weights and data position.
+    # LoRA dropout on (and region dropout, from the demo config): exact resume needs the RNG states restored.
     common = dict(model__lora__dropout=0.1, data__max_bad_samples=0, data__num_workers=1)
     full = tmp_path / "full"
     proc = run_training(overrides(assets, full, **common))
