@@ -46,6 +46,7 @@ from PIL import Image
 
 from refvllm.data.masks import encode_rle, encode_uncompressed_rle
 from refvllm.errors import ConfigError
+from refvllm.fileio import atomic_write_text
 
 FRAME_SIZE = 64  # media height = width (px); the tiny vision tower's input size, so no resampling blur
 GRID = 8  # static objects sit on this pixel grid: whole 8 x 8 patches for the tiny vision tower
@@ -519,10 +520,7 @@ def _check_region_count(record: dict[str, Any]) -> None:
 
 def _write_json_array(path: Path, records: list[dict[str, Any]]) -> None:
     """A JSON array with one sample per line, written to a temporary file and renamed (never half-written)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("[\n" + ",\n".join(json.dumps(r, separators=(",", ":")) for r in records) + "\n]\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "[\n" + ",\n".join(json.dumps(r, separators=(",", ":")) for r in records) + "\n]\n")
 
 
 def generate(out_dir: str | os.PathLike, num_train: int = 600, num_eval: int = 120, seed: int = 0,

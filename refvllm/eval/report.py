@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from refvllm.fileio import atomic_write_text
 
 
 def predictions_path(metrics_path: str | Path) -> Path:
@@ -15,26 +16,14 @@ def predictions_path(metrics_path: str | Path) -> Path:
     return path.with_name(stem + ".predictions.jsonl")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write to a temporary file then rename, so a crash never leaves half a file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_predictions(path: str | Path, records: list[dict[str, Any]]) -> Path:
     """One JSON object per line, in the order given. Returns the path."""
-    path = Path(path)
-    _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return path
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> Path:
     """METRICS.json, indented for reading. Returns the path."""
-    path = Path(path)
-    _atomic_write(path, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    return path
+    return atomic_write_text(path, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
 
 
 def _fmt(value: Any, percent: bool = False) -> str:
