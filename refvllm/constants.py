@@ -13,5 +13,7 @@ IGNORE_INDEX = -100  # label value that the loss ignores
 VIDEO_PLACEHOLDER = "<video>"
 IMAGE_PLACEHOLDER = "<image>"
 REGION_PLACEHOLDER = "<region>"
+# Private-use character the processor builds its placeholder markers from: no turn text may contain it.
+RESERVED_CHARACTER = "\ue000"
 
 SAMPLE_KINDS = ("video_referring", "image_referring", "video", "image")

@@ -10,10 +10,14 @@ How the text is built, robustly for any tokenizer and chat template:
 
 1. In each turn's text, ``<video>``/``<image>`` and ``<region>`` are replaced by marker strings made of a
    private-use character (U+E000) that no tokenizer merges with anything, because the markers are cut out
-   before tokenising; assistant contents are wrapped in begin/end markers the same way.
+   before tokenising; every turn's content is wrapped in begin/end markers the same way (answer markers for
+   the assistant contents that are learned, text markers for the rest).
 2. The conversation is rendered with ``tokenizer.apply_chat_template(messages, tokenize=False)``.
 3. The rendered string is split at the markers; each text piece is tokenised on its own
-   (``add_special_tokens=False``: the template already wrote every special token), and each placeholder
+   (``add_special_tokens=False``: the template already wrote every special token). Pieces of the sample's own
+   text are tokenised with ``split_special_tokens=True``: text from data never becomes a special token, so an
+   answer holding ``<|im_end|>\n<|im_start|>user`` cannot forge a turn (it is read as the characters it is);
+   only the template's own pieces can hold special tokens. Each placeholder
    marker becomes a run of sentinel ids: ``TokenLayout.num_visual_tokens(F)`` x ``VISUAL_TOKEN_ID`` and, for
    the k-th ``<region>``, ``TokenLayout.num_region_tokens(len(plan.object_frames[k]))`` x ``REGION_TOKEN_ID``.
 4. Labels are the assistant contents' tokens plus the template's tokens after each content up to and
@@ -46,6 +50,7 @@ from refvllm.constants import (
     IMAGE_PLACEHOLDER,
     REGION_PLACEHOLDER,
     REGION_TOKEN_ID,
+    RESERVED_CHARACTER,
     VIDEO_PLACEHOLDER,
     VISUAL_TOKEN_ID,
 )
@@ -53,12 +58,15 @@ from refvllm.data.types import DecodedSample, Sample, Turn
 from refvllm.errors import ConfigError, DataError
 from refvllm.model.layout import TokenLayout, VisualSpec, load_visual_spec, make_token_layout
 
-_RESERVED = "\ue000"  # private-use character: markers are built from it, so sample text may not contain it
+_RESERVED = RESERVED_CHARACTER  # markers are built from it, so sample text may not contain it (schema.py)
 _VIS = _RESERVED + "V" + _RESERVED
 _REG = _RESERVED + "R" + _RESERVED
 _ANS_BEGIN = _RESERVED + "A" + _RESERVED
 _ANS_END = _RESERVED + "E" + _RESERVED
-_MARKER_SPLIT = re.compile("(" + "|".join(re.escape(m) for m in (_VIS, _REG, _ANS_BEGIN, _ANS_END)) + ")")
+_TXT_BEGIN = _RESERVED + "T" + _RESERVED  # content that is not learned (user turns, prompt-side answers)
+_TXT_END = _RESERVED + "U" + _RESERVED
+_MARKER_SPLIT = re.compile("(" + "|".join(re.escape(m) for m in (_VIS, _REG, _ANS_BEGIN, _ANS_END, _TXT_BEGIN,
+                                                                   _TXT_END)) + ")")
 _PLACEHOLDER = re.compile("|".join(re.escape(p) for p in (VIDEO_PLACEHOLDER, IMAGE_PLACEHOLDER, REGION_PLACEHOLDER)))
 
 
@@ -69,7 +77,8 @@ class _Marked:
     messages: list[dict[str, str]]
     num_visual: int  # visual markers inserted (0 or 1)
     num_regions: int  # region markers inserted (objects 0..num_regions-1, in order)
-    num_answers: int  # assistant contents wrapped in begin/end markers
+    num_answers: int  # assistant contents wrapped in answer markers
+    num_texts: int  # other contents wrapped in text markers
 
 
 class Processor:
@@ -171,7 +180,7 @@ class Processor:
 
     def _mark(self, sample: Sample, turns: list[Turn], num_frames: int, with_answers: bool) -> _Marked:
         """Chat messages with placeholders replaced by markers (and assistant contents wrapped in markers)."""
-        messages, num_visual, num_regions, num_answers = [], 0, 0, 0
+        messages, num_visual, num_regions, num_answers, num_texts = [], 0, 0, 0, 0
         for i, turn in enumerate(turns):
             if _RESERVED in turn.text:
                 raise _error(sample, f"turn {i} contains the reserved character U+E000", "reserved_character")
@@ -185,6 +194,8 @@ class Processor:
             text = _PLACEHOLDER.sub(lambda m: _REG if m.group(0) == REGION_PLACEHOLDER else _VIS, turn.text)
             if with_answers and turn.role == "assistant":
                 text, num_answers = _ANS_BEGIN + text + _ANS_END, num_answers + 1
+            else:
+                text, num_texts = _TXT_BEGIN + text + _TXT_END, num_texts + 1
             messages.append({"role": turn.role, "content": text})
         if num_visual > 1:
             raise _error(sample, f"{num_visual} {VIDEO_PLACEHOLDER}/{IMAGE_PLACEHOLDER} placeholders; at most one",
@@ -197,7 +208,7 @@ class Processor:
                 raise _error(sample, "the conversation has no user turn", "conversation_order")
             first_user["content"] = _VIS + "\n" + first_user["content"]
             num_visual = 1
-        return _Marked(messages, num_visual, num_regions, num_answers)
+        return _Marked(messages, num_visual, num_regions, num_answers, num_texts)
 
     def _render(self, sample: Sample, marked: _Marked, add_generation_prompt: bool) -> str:
         from jinja2 import TemplateError
@@ -207,8 +218,8 @@ class Processor:
                                                       add_generation_prompt=add_generation_prompt)
         except TemplateError as e:  # templates reject e.g. non-alternating roles with raise_exception
             raise _error(sample, f"the chat template rejected the conversation: {e}", "chat_template") from None
-        expected = {_VIS: marked.num_visual, _REG: marked.num_regions,
-                    _ANS_BEGIN: marked.num_answers, _ANS_END: marked.num_answers}
+        expected = {_VIS: marked.num_visual, _REG: marked.num_regions, _ANS_BEGIN: marked.num_answers,
+                    _ANS_END: marked.num_answers, _TXT_BEGIN: marked.num_texts, _TXT_END: marked.num_texts}
         for marker, count in expected.items():
             if text.count(marker) != count:
                 raise ConfigError(f"the chat template of '{self.tokenizer.name_or_path}' did not keep every "
@@ -223,27 +234,25 @@ class Processor:
         """
         sample = decoded.sample
         pieces = _MARKER_SPLIT.split(self._render(sample, marked, add_generation_prompt))
-        texts = pieces[0::2]  # re.split with one group: text, marker, text, marker, ..., text
-        token_lists = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        texts, markers = pieces[0::2], [None, *pieces[1::2]]  # re.split with one group: text, marker, ..., text
+        token_lists = self._tokenize_pieces(texts, _content_pieces(markers))
         ids: list[int] = []
         labels: list[int] = []
         region, in_answer, want_end = 0, False, False
-        for k, tokens in enumerate(token_lists):
-            if k > 0:
-                marker = pieces[2 * k - 1]
-                if marker == _VIS:
-                    n = self.layout.num_visual_tokens(decoded.frames.shape[0])
-                    ids += [VISUAL_TOKEN_ID] * n
-                    labels += [IGNORE_INDEX] * n
-                elif marker == _REG:
-                    n = self.layout.num_region_tokens(len(decoded.plan.object_frames[region]))
-                    ids += [REGION_TOKEN_ID] * n
-                    labels += [IGNORE_INDEX] * n
-                    region += 1
-                elif marker == _ANS_BEGIN:
-                    in_answer, want_end = True, False
-                else:  # _ANS_END
-                    in_answer, want_end = False, True
+        for marker, tokens in zip(markers, token_lists, strict=True):
+            if marker == _VIS:
+                n = self.layout.num_visual_tokens(decoded.frames.shape[0])
+                ids += [VISUAL_TOKEN_ID] * n
+                labels += [IGNORE_INDEX] * n
+            elif marker == _REG:
+                n = self.layout.num_region_tokens(len(decoded.plan.object_frames[region]))
+                ids += [REGION_TOKEN_ID] * n
+                labels += [IGNORE_INDEX] * n
+                region += 1
+            elif marker == _ANS_BEGIN:
+                in_answer, want_end = True, False
+            elif marker == _ANS_END:
+                in_answer, want_end = False, True
             ids += tokens
             if in_answer:
                 labels += tokens
@@ -255,6 +264,19 @@ class Processor:
         if len(ids) > self.max_length:
             raise _error(sample, f"{len(ids)} tokens > max_length {self.max_length}", "too_long")
         return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+    def _tokenize_pieces(self, texts: list[str], content: list[bool]) -> list[list[int]]:
+        """Token ids of each piece: the sample's own text (``content``) with special-token strings split into
+        ordinary tokens, the template's pieces as usual."""
+        out: list[list[int]] = [[] for _ in texts]
+        for is_content in (False, True):
+            which = [k for k, c in enumerate(content) if c == is_content and texts[k]]
+            if which:
+                ids = self.tokenizer([texts[k] for k in which], add_special_tokens=False,
+                                     split_special_tokens=is_content)["input_ids"]
+                for k, tokens in zip(which, ids, strict=True):
+                    out[k] = tokens
+        return out
 
     def _label_through_end_token(self, tokens: list[int]) -> list[int]:
         """Labels of the piece after an answer: its tokens up to and including the first special token.
@@ -290,6 +312,19 @@ class Processor:
         # permuted torch view.
         x = torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.float32))
         return x.mul_(self._scale).add_(self._bias)
+
+
+def _content_pieces(markers: list[str | None]) -> list[bool]:
+    """For each text piece (the one after ``markers[k]``): does it belong to a turn's content (the sample's own
+    text) rather than to the chat template?"""
+    inside, out = False, []
+    for marker in markers:
+        if marker in (_ANS_BEGIN, _TXT_BEGIN):
+            inside = True
+        elif marker in (_ANS_END, _TXT_END):
+            inside = False
+        out.append(inside)
+    return out
 
 
 def _special_token_ids(tokenizer) -> frozenset[int]:
