@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from refvllm.data.limits import DataLimits
 from refvllm.errors import ConfigError
 
 
@@ -49,6 +50,7 @@ class DataConfig:
     mask_resize: str = "rescale"  # mask whose size differs from the media's with the same aspect: rescale | error
     num_workers: int = 2  # data loader worker processes
     index_cache_dir: str = ""  # where sample offset indexes are cached; empty = ~/.cache/refvllm/index
+    limits: DataLimits = field(default_factory=DataLimits)  # per-sample resource bounds (docs/data-format.md)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -314,6 +316,10 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError("config keys 'train.max_steps', 'train.save_steps', 'train.warmup_steps' must be >= 0")
     if not 0.0 <= cfg.model.region.dropout < 1.0:
         raise ConfigError(f"config key 'model.region.dropout' must be in [0, 1); got {cfg.model.region.dropout}")
+    try:
+        cfg.data.limits.check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if (cfg.model.image_mean is None) != (cfg.model.image_std is None):
         raise ConfigError("config keys 'model.image_mean' and 'model.image_std' must be set together")
 

@@ -46,3 +46,12 @@ class DataError(RefvllmError):
 
 class ModelInputError(RefvllmError):
     """The model's inputs disagree with each other (e.g. placeholder count vs. feature rows)."""
+
+
+def unexpected_error(e: BaseException) -> DataError:
+    """A DataError (category ``internal``) for an exception that the data checks did not foresee, naming its type
+    (the training loader skips such a sample, ``refvllm validate`` reports it; either way the run goes on)."""
+    text = str(e).strip().splitlines()
+    detail = f": {ascii(text[0])[1:-1][:300]}" if text else ""
+    return DataError(f"unexpected {type(e).__name__}{detail} (a refvllm bug or an input it does not check yet; "
+                     "please report it)", category="internal")

@@ -2,7 +2,8 @@
 
 Contract:
 
-    ds = RefDataset(data_file, data_root, processor, num_frames, image_size, mask_resize, cache_dir=None)
+    ds = RefDataset(data_file, data_root, processor, num_frames, image_size, mask_resize, cache_dir=None,
+                    limits=DataLimits())
     ds[i]                   # Processor.encode(...) dict, or Skipped(index, id, reason) for a bad sample
     sampler = ResumableSampler(len(ds), seed, micro_batch_size, num_replicas=world, rank=rank)
     sampler.load_state_dict(state)                                      # resume: jump, decode nothing before
@@ -10,11 +11,15 @@ Contract:
     ...
     state = sampler.state_dict(consumed=k)      # k = micro-batches this rank took from the loader so far
 
-Bad-sample policy: a sample whose reading, parsing, decoding or processing raises :class:`DataError` becomes a
-:class:`Skipped` record (never an exception, never another sample in its place), logged at WARNING once per
-sample and process; ``collate`` drops it and reports it in ``num_skipped``/``skipped``. :class:`BadSampleCounter`
-stops training with a DataError after ``data.max_bad_samples`` skips. Anything that is not a DataError (a bug,
-an out-of-memory) propagates.
+Bad-sample policy: a sample whose reading, parsing, decoding or processing fails, whatever the exception,
+becomes a :class:`Skipped` record (never an exception, never another sample in its place), logged at WARNING
+once per sample and process; ``collate`` drops it and reports it in ``num_skipped``/``skipped``.
+:class:`BadSampleCounter` stops training with a DataError after ``data.max_bad_samples`` skips. A DataError keeps
+its category; any other exception (one the data checks did not foresee, or a bug) is category ``internal``, its
+reason names the exception type, and its traceback is logged once, so one odd sample cannot end a run while a
+bug that hits every sample still stops it at ``max_bad_samples``. Only what cannot be caught (a crash inside
+native code) is out of reach: inputs that reach pycocotools, decord or PIL are checked first (masks.py,
+media.py, limits.py). KeyboardInterrupt and SystemExit are not caught.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ import torch
 from refvllm.config import Config
 from refvllm.data.decode import decode_sample
 from refvllm.data.index import SampleIndex
+from refvllm.data.limits import DEFAULT_LIMITS, DataLimits
 from refvllm.data.processor import Processor
-from refvllm.data.schema import parse_sample
+from refvllm.data.schema import parse_sample, raw_sample_id
 from refvllm.data.types import Skipped
-from refvllm.errors import ConfigError, DataError
+from refvllm.errors import ConfigError, DataError, unexpected_error
 
 __all__ = ["BadSampleCounter", "RefDataset", "ResumableSampler", "Skipped"]
 
@@ -47,7 +53,8 @@ class RefDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data_file: str | os.PathLike, data_root: str | os.PathLike, processor: Processor,
-                 num_frames: int, image_size: int, mask_resize: str, cache_dir: str | os.PathLike | None = None):
+                 num_frames: int, image_size: int, mask_resize: str, cache_dir: str | os.PathLike | None = None,
+                 limits: DataLimits = DEFAULT_LIMITS):
         if image_size != processor.spec.image_size:
             raise ConfigError(f"image_size {image_size} differs from the vision tower's {processor.spec.image_size}")
         self.data_file = str(data_file)
@@ -56,7 +63,8 @@ class RefDataset(torch.utils.data.Dataset):
         self.num_frames = num_frames
         self.image_size = image_size
         self.mask_resize = mask_resize
-        self.index = SampleIndex(self.data_file, cache_dir=cache_dir)
+        self.limits = limits
+        self.index = SampleIndex(self.data_file, cache_dir=cache_dir, limits=limits)
         self._warned: set[int] = set()  # samples already logged by this process
 
     @classmethod
@@ -67,7 +75,7 @@ class RefDataset(torch.utils.data.Dataset):
             raise ConfigError("config key 'data.train_file' is empty")
         root = cfg.data.data_root or str(Path(data_file).parent)
         return cls(data_file, root, processor, cfg.data.num_frames, processor.spec.image_size,
-                   cfg.data.mask_resize, cfg.data.index_cache_dir or None)
+                   cfg.data.mask_resize, cfg.data.index_cache_dir or None, cfg.data.limits)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -77,19 +85,21 @@ class RefDataset(torch.utils.data.Dataset):
         raw = None
         try:
             raw = self.index.raw(i)
-            sample = parse_sample(raw, i)
-            decoded = decode_sample(sample, self.data_root, self.num_frames, self.image_size, self.mask_resize)
+            sample = parse_sample(raw, i, self.limits)
+            decoded = decode_sample(sample, self.data_root, self.num_frames, self.image_size, self.mask_resize,
+                                    self.limits)
             return self.processor.encode(decoded)
         except DataError as e:
             return self._skip(i, raw, e)
+        except Exception as e:  # noqa: BLE001 (the policy: no sample may end the run, whatever it raises)
+            return self._skip(i, raw, unexpected_error(e), exc=e)
 
-    def _skip(self, i: int, raw, error: DataError) -> Skipped:
-        sample_id = error.sample_id
-        if sample_id is None and isinstance(raw, dict) and raw.get("id") is not None:
-            sample_id = str(raw["id"])
+    def _skip(self, i: int, raw, error: DataError, exc: Exception | None = None) -> Skipped:
+        sample_id = error.sample_id if error.sample_id is not None else raw_sample_id(raw)
         if i not in self._warned:
             self._warned.add(i)
-            logger.warning("skipping sample %d (id %s) of %s: %s", i, sample_id, self.data_file, error.reason)
+            logger.warning("skipping sample %d (id %s) of %s: %s", i, sample_id, self.data_file, error.reason,
+                           exc_info=exc)
         return Skipped(index=i, id=sample_id, reason=error.reason, category=error.category)
 
 

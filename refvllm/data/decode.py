@@ -2,9 +2,9 @@
 
 Contract:
 
-    decoded = decode_sample(sample, data_root, num_frames, image_size, mask_resize="rescale")
+    decoded = decode_sample(sample, data_root, num_frames, image_size, mask_resize="rescale", limits=DataLimits())
     decoded, areas = decode_sample_report(...)   # + per object {frame: mask pixel count at media resolution}
-    planned = plan_sample(sample, data_root, num_frames, mask_resize)  # reader, plan, RLEs, areas; no pixels
+    planned = plan_sample(sample, data_root, num_frames, mask_resize, limits)  # reader, plan, RLEs; no pixels
 
 Steps: open the media (header only) -> every non-null segmentation to an RLE at the media's size (checked,
 rescaled or rejected; no pixels decoded) -> drop frames whose mask is empty (an object left with none is an
@@ -12,7 +12,8 @@ error: "object k has no non-empty mask") -> plan T frames so every kept mask fra
 only the planned frames -> bring each planned mask to S x S with "any coverage" (computed from its RLE runs:
 exactly ``resize_mask_any(decode_mask(...), S)`` without a full-resolution copy) -> resize the frames to S x S.
 
-Every DataError is re-raised naming the sample's index and id.
+Every DataError is re-raised naming the sample's index and id. ``limits`` (:class:`DataLimits`) bound the media's
+and the masks' pixels and the polygons' complexity before anything is decoded.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from refvllm.data.limits import DEFAULT_LIMITS, DataLimits
 from refvllm.data.masks import resize_rle_any, rle_area, to_rle
 from refvllm.data.media import MediaReader, check_mask_frames, open_media, plan_frames, resize_frames
 from refvllm.data.types import DecodedSample, FramePlan, Sample
@@ -29,16 +31,17 @@ from refvllm.errors import DataError
 
 
 def decode_sample(sample: Sample, data_root: str | os.PathLike, num_frames: int, image_size: int,
-                  mask_resize: str = "rescale") -> DecodedSample:
+                  mask_resize: str = "rescale", limits: DataLimits = DEFAULT_LIMITS) -> DecodedSample:
     """frames uint8 [F, S, S, 3], masks bool [M, S, S] (object-major, then time), see DecodedSample."""
-    return decode_sample_report(sample, data_root, num_frames, image_size, mask_resize)[0]
+    return decode_sample_report(sample, data_root, num_frames, image_size, mask_resize, limits)[0]
 
 
 def decode_sample_report(sample: Sample, data_root: str | os.PathLike, num_frames: int, image_size: int,
-                         mask_resize: str = "rescale") -> tuple[DecodedSample, list[dict[int, int]]]:
+                         mask_resize: str = "rescale", limits: DataLimits = DEFAULT_LIMITS
+                         ) -> tuple[DecodedSample, list[dict[int, int]]]:
     """:func:`decode_sample` plus, per object, ``{frame: mask pixel count at the media's resolution}`` for every
     frame with a non-null segmentation (planned or not)."""
-    planned = plan_sample(sample, data_root, num_frames, mask_resize)
+    planned = plan_sample(sample, data_root, num_frames, mask_resize, limits)
     try:
         frames = resize_frames(planned.reader.read(planned.plan.frame_indices), image_size)
         masks, mask_frame, mask_object = _planned_masks(planned.rles, planned.plan, image_size)
@@ -57,14 +60,14 @@ class PlannedSample:
     areas: list[dict[int, int]]  # per object, {frame: pixel count} for the same frames
 
 
-def plan_sample(sample: Sample, data_root: str | os.PathLike, num_frames: int,
-                mask_resize: str = "rescale") -> PlannedSample:
+def plan_sample(sample: Sample, data_root: str | os.PathLike, num_frames: int, mask_resize: str = "rescale",
+                limits: DataLimits = DEFAULT_LIMITS) -> PlannedSample:
     """Open the media (header only), check every mask and convert it to an RLE at the media's size, drop empty
     masks, plan the frames. The first half of :func:`decode_sample`; DataError names the sample."""
     try:
-        reader = open_media(data_root, sample)
+        reader = open_media(data_root, sample, limits=limits)
         check_mask_frames(reader.num_frames, [list(obj) for obj in sample.objects])
-        rles = object_rles(sample, reader.height, reader.width, mask_resize)
+        rles = object_rles(sample, reader.height, reader.width, mask_resize, limits)
         areas = [{f: rle_area(rle) for f, rle in obj.items()} for obj in rles]
         plan = plan_frames(reader.num_frames, num_frames if sample.media_type == "video" else 1,
                            _non_empty_frames(areas))
@@ -73,11 +76,12 @@ def plan_sample(sample: Sample, data_root: str | os.PathLike, num_frames: int,
     return PlannedSample(reader, plan, rles, areas)
 
 
-def object_rles(sample: Sample, height: int, width: int, mask_resize: str) -> list[dict[int, dict]]:
+def object_rles(sample: Sample, height: int, width: int, mask_resize: str,
+                limits: DataLimits = DEFAULT_LIMITS) -> list[dict[int, dict]]:
     """Per object, {frame: pycocotools RLE at [height, width]} for every non-null segmentation."""
     poly_size = (sample.height, sample.width) if sample.height is not None else None
     return [{f: to_rle(seg, height, width, poly_size=poly_size, mask_resize=mask_resize,
-                       where=f"object {k} frame {f}") for f, seg in obj.items()}
+                       where=f"object {k} frame {f}", limits=limits) for f, seg in obj.items()}
             for k, obj in enumerate(sample.objects)]
 
 

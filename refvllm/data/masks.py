@@ -9,9 +9,12 @@ Contract:
     resize_mask_any(mask, size)            # bool [size, size], "any coverage": non-empty stays non-empty
 
 Every malformed input raises :class:`DataError` with a category (``rle_malformed``, ``polygon_malformed``,
-``segmentation_type``, ``mask_size``). pycocotools' C code trusts its input (a compressed RLE whose counts
-overrun ``h * w`` writes past its buffer; a truncated counts string reads past its end), so every RLE is parsed
-and checked here, in numpy, before pycocotools sees it.
+``segmentation_type``, ``mask_size``, ``limit``). pycocotools' C code trusts its input (a compressed RLE whose
+counts overrun ``h * w`` writes past its buffer; a truncated counts string reads past its end; a ``size`` whose
+product overflows corrupts its heap; a polygon's rasteriser allocates memory in proportion to its perimeter),
+so every segmentation is checked here first, in numpy, against its own structure and the
+:class:`~refvllm.data.limits.DataLimits` (mask pixels, polygon points and perimeter). Uncompressed RLE never
+reaches pycocotools: it is re-encoded to COCO's compressed string here (:func:`rle_string_from_counts`).
 
 Size mismatch: an RLE whose ``size`` (or polygon whose reference size) differs from the media's is rescaled
 (nearest neighbour for RLE, coordinate scaling for polygons) with a :class:`MaskRescaleWarning` when both have
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 import pycocotools.mask as mask_utils
 
+from refvllm.data.limits import DEFAULT_LIMITS, DataLimits
 from refvllm.errors import DataError
 
 MASK_RESIZE_MODES = ("rescale", "error")
@@ -175,23 +179,49 @@ def rle_counts_from_string(counts: str | bytes, where: str = "") -> np.ndarray:
     return out
 
 
+def rle_string_from_counts(counts: np.ndarray) -> bytes:
+    """COCO's compressed counts string of run lengths ``counts`` (int [K], >= 0): pycocotools' rleToString,
+    vectorised. The inverse of :func:`rle_counts_from_string`."""
+    counts = np.asarray(counts, np.int64)
+    x = counts.copy()
+    x[3:] -= counts[1:-2]  # counts after the third are deltas to the count two places earlier (i > 2)
+    groups, alive = [], np.ones(x.size, bool)  # one 5-bit group per round, while a value needs more
+    for _ in range(13):  # 64-bit values need at most 13 groups
+        if not alive.any():
+            break
+        c = x & 0x1F
+        x = x >> 5  # arithmetic shift: negative deltas end at -1
+        more = np.where((c & 0x10) != 0, x != -1, x != 0) & alive
+        groups.append((np.where(more, c | 0x20, c) + 48, alive))
+        alive = more
+    lengths = np.sum([g[1] for g in groups], axis=0) if groups else np.zeros(0, np.int64)
+    out = np.zeros(int(np.sum(lengths)), np.uint8)
+    starts = np.cumsum(lengths) - lengths
+    for r, (chars, active) in enumerate(groups):
+        out[starts[active] + r] = chars[active]
+    return out.tobytes()
+
+
 # ---------------------------------------------------------------------------------------------- to RLE
 
 
 def to_rle(seg: Any, height: int, width: int, *, poly_size: tuple[int, int] | None = None,
-           mask_resize: str = "rescale", where: str = "") -> dict:
+           mask_resize: str = "rescale", where: str = "", limits: DataLimits = DEFAULT_LIMITS) -> dict:
     """``seg`` as a pycocotools RLE (``{"size": [height, width], "counts": bytes}``) at the media's size.
 
     ``poly_size``: (height, width) that polygon coordinates refer to (the sample's ``height``/``width``);
-    default: the media's. Raises DataError for anything malformed or of another size (see module docstring).
+    default: the media's. Raises DataError for anything malformed, over ``limits`` or of another size (see the
+    module docstring).
     """
     if mask_resize not in MASK_RESIZE_MODES:
         raise ValueError(f"mask_resize must be one of {MASK_RESIZE_MODES}, got {mask_resize!r}")
     form = segmentation_form(seg, where)
     if form == "polygon":
-        return _polygon_rle(_polygon_list(seg, where), height, width, poly_size or (height, width),
-                            mask_resize, where)
+        poly_size = poly_size or (height, width)
+        _check_mask_pixels(poly_size, "polygon reference size (the sample's height x width)", limits, where)
+        return _polygon_rle(_polygon_list(seg, where), height, width, poly_size, mask_resize, limits, where)
     h, w = _rle_size(seg["size"], where)
+    _check_mask_pixels((h, w), "RLE size", limits, where)  # before any count is summed or decoded
     if form == "rle":
         counts = rle_counts_from_string(seg["counts"], where)
         if int(counts.sum()) != h * w:
@@ -200,11 +230,16 @@ def to_rle(seg: Any, height: int, width: int, *, poly_size: tuple[int, int] | No
         text = seg["counts"]
         rle = {"size": [h, w], "counts": text.encode("ascii") if isinstance(text, str) else bytes(text)}
     else:
-        counts = _uncompressed_counts(seg, where)
-        rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts.tolist()}, h, w)
+        rle = {"size": [h, w], "counts": rle_string_from_counts(_uncompressed_counts(seg, where))}
     if (h, w) != (height, width):
         rle = _rescale_rle(rle, (h, w), (height, width), mask_resize, where)
     return rle
+
+
+def _check_mask_pixels(size: tuple[int, int], what: str, limits: DataLimits, where: str) -> None:
+    if size[0] * size[1] > limits.max_mask_pixels:
+        raise _fail(where, f"{what} {size[0]}x{size[1]} has more pixels than data.limits.max_mask_pixels="
+                    f"{limits.max_mask_pixels}", "limit")
 
 
 def _check_same_aspect(src: tuple[int, int], dst: tuple[int, int], mask_resize: str, what: str, where: str) -> None:
@@ -231,14 +266,39 @@ def _rescale_rle(rle: dict, src: tuple[int, int], dst: tuple[int, int], mask_res
 
 
 def _polygon_rle(polys: list[list[float]], height: int, width: int, poly_size: tuple[int, int],
-                 mask_resize: str, where: str) -> dict:
+                 mask_resize: str, limits: DataLimits, where: str) -> dict:
     ph, pw = poly_size
+    points = sum(len(poly) for poly in polys) // 2
+    if points > limits.max_polygon_points:
+        raise _fail(where, f"the polygons have {points} points, more than data.limits.max_polygon_points="
+                    f"{limits.max_polygon_points}", "limit")
     _check_polygon_bounds(polys, ph, pw, where)
     if (ph, pw) != (height, width):
         _check_same_aspect((ph, pw), (height, width), mask_resize, "polygon", where)
         sx, sy = width / pw, height / ph
         polys = [[v * (sx if i % 2 == 0 else sy) for i, v in enumerate(poly)] for poly in polys]
+    _check_polygon_perimeter(polys, height, width, limits, where)
     return mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
+
+
+def polygon_perimeter(polys: list[list[float]]) -> float:
+    """Sum over every edge (the closing one included) of max(|dx|, |dy|): the steps pycocotools' rasteriser
+    walks, which its memory grows with."""
+    total = 0.0
+    for poly in polys:
+        xy = np.asarray(poly, np.float64).reshape(-1, 2)
+        total += float(np.abs(xy - np.roll(xy, 1, axis=0)).max(axis=1).sum())
+    return total
+
+
+def _check_polygon_perimeter(polys: list[list[float]], height: int, width: int, limits: DataLimits,
+                             where: str) -> None:
+    bound = limits.max_polygon_perimeter * (height + width)
+    perimeter = polygon_perimeter(polys)
+    if perimeter > bound:
+        raise _fail(where, f"the polygons' perimeter is {perimeter:.0f} pixels, more than data.limits."
+                    f"max_polygon_perimeter={limits.max_polygon_perimeter} x (height + width) = {bound} for the "
+                    f"{height}x{width} frame (a zig-zag that would take gigabytes to rasterise)", "limit")
 
 
 def _check_polygon_bounds(polys: list[list[float]], height: int, width: int, where: str) -> None:
@@ -269,9 +329,10 @@ def decode_rle(rle: dict) -> np.ndarray:
 
 
 def decode_mask(seg: Any, height: int, width: int, *, mask_resize: str = "rescale", where: str = "",
-                poly_size: tuple[int, int] | None = None) -> np.ndarray:
+                poly_size: tuple[int, int] | None = None, limits: DataLimits = DEFAULT_LIMITS) -> np.ndarray:
     """bool [height, width]: ``seg`` decoded at the media's resolution (see :func:`to_rle`)."""
-    mask = decode_rle(to_rle(seg, height, width, poly_size=poly_size, mask_resize=mask_resize, where=where))
+    mask = decode_rle(to_rle(seg, height, width, poly_size=poly_size, mask_resize=mask_resize, where=where,
+                             limits=limits))
     if mask.shape != (height, width):  # pycocotools bug guard: never hand on a mask of the wrong shape
         raise _fail(where, f"mask decoded to shape {mask.shape}, expected {(height, width)}", "rle_malformed")
     return mask

@@ -2,7 +2,13 @@
 
 Contract:
 
-    sample = parse_sample(raw, index)     # raw: one decoded JSON value; DataError(reason, index, id, category)
+    sample = parse_sample(raw, index, limits=DataLimits())   # raw: one decoded JSON value
+                                                             # DataError(reason, index, id, category)
+
+First rule, for every value of the sample wherever it came from (:func:`check_json_value`): at most
+``limits.max_json_depth`` deep, every integer within int64, every float finite, every string valid Unicode (JSON's
+``\\ud83d`` escapes make lone UTF-16 surrogates, which no tokenizer, file system or UTF-8 writer accepts), and no
+turn text holding U+E000, the private-use character the processor builds its markers from.
 
 A sample (docs/data-format.md has the full rules, error messages and categories)::
 
@@ -25,7 +31,8 @@ import math
 import re
 from typing import Any
 
-from refvllm.constants import IMAGE_PLACEHOLDER, REGION_PLACEHOLDER, VIDEO_PLACEHOLDER
+from refvllm.constants import IMAGE_PLACEHOLDER, REGION_PLACEHOLDER, RESERVED_CHARACTER, VIDEO_PLACEHOLDER
+from refvllm.data.limits import DEFAULT_LIMITS, INT64_MAX, DataLimits
 from refvllm.data.masks import segmentation_form
 from refvllm.data.media import IMAGE_EXTENSIONS, check_media_path
 from refvllm.data.types import Sample, Turn
@@ -41,7 +48,7 @@ def _err(message: str, category: str) -> DataError:
     return DataError(message, category=category)
 
 
-def parse_sample(raw: Any, index: int) -> Sample:
+def parse_sample(raw: Any, index: int, limits: DataLimits = DEFAULT_LIMITS) -> Sample:
     """Check one raw sample against every static rule of the format and return it typed and normalised.
 
     Raises DataError naming ``index`` and the sample's id (when it has a usable one) with a specific reason
@@ -49,18 +56,22 @@ def parse_sample(raw: Any, index: int) -> Sample:
     """
     if not isinstance(raw, dict):
         raise DataError(f"a sample must be a JSON object, got {_json_type(raw)}", index, None, "not_object")
+    try:
+        check_json_value(raw, limits.max_json_depth)
+    except DataError as e:
+        raise e.with_sample(index, None) from None
     sample_id = _sample_id(raw, index)
     try:
-        return _parse(raw, index, sample_id)
+        return _parse(raw, index, sample_id, limits)
     except DataError as e:
         raise e.with_sample(index, sample_id) from None
 
 
-def _parse(raw: dict, index: int, sample_id: str) -> Sample:
+def _parse(raw: dict, index: int, sample_id: str, limits: DataLimits) -> Sample:
     media, media_type = _media(raw)
     turns = _turns(raw.get("conversations"), "conversations" in raw)
     turns = _normalise_placeholders(turns, media_type)
-    objects = _objects(raw.get("annotation"), media_type)
+    objects = _objects(raw.get("annotation"), media_type, limits)
     num_regions = sum(t.text.count(REGION_PLACEHOLDER) for t in turns)
     if num_regions != len(objects):
         raise _err(f"the conversation has {num_regions} {REGION_PLACEHOLDER} placeholder(s) but 'annotation' has "
@@ -70,6 +81,96 @@ def _parse(raw: dict, index: int, sample_id: str) -> Sample:
     return Sample(index=index, id=sample_id, kind=f"{media_type}_referring" if objects else media_type,
                   media=media, media_type=media_type, turns=turns, objects=objects, height=height, width=width,
                   meta={k: v for k, v in raw.items() if k not in KNOWN_KEYS})
+
+
+def check_json_value(value: Any, max_depth: int) -> None:
+    """DataError (category ``limit`` or ``text_encoding``) unless ``value`` is at most ``max_depth`` deep, every
+    int fits int64, every float is finite and every string (dict keys too) is valid Unicode.
+
+    An iterative walk (a deep value cannot overflow the stack); the path of the first bad value is only worked
+    out when there is one (:func:`_find_bad_value`), so the common case is one pass without string building.
+    """
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        t = type(v)
+        if t is dict or t is list:
+            if depth > max_depth:
+                _raise_bad_value(value, max_depth)
+            if t is dict:
+                if not all(k.isascii() or valid_unicode(k) for k in v):
+                    _raise_bad_value(value, max_depth)
+                stack.extend((item, depth + 1) for item in v.values())
+            else:
+                stack.extend((item, depth + 1) for item in v)
+        elif _bad_scalar(v):
+            _raise_bad_value(value, max_depth)
+
+
+def _bad_scalar(v: Any) -> bool:
+    t = type(v)
+    if t is str:
+        return not v.isascii() and not valid_unicode(v)
+    if t is int:
+        return not -INT64_MAX - 1 <= v <= INT64_MAX
+    return t is float and not math.isfinite(v)
+
+
+def raw_sample_id(raw: Any) -> str | None:
+    """The id of a raw (maybe invalid) sample as printable text, when it has a string or integer id: lone
+    surrogates escaped, integers beyond 30 digits summarised. For messages about samples that failed."""
+    value = raw.get("id") if isinstance(raw, dict) else None
+    if isinstance(value, str):
+        return value if value.isascii() or valid_unicode(value) else ascii(value)[1:-1]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value) if abs(value) < 10 ** 30 else f"<integer of about {value.bit_length() * 0.30103:.0f} digits>"
+    return None
+
+
+def valid_unicode(text: str) -> bool:
+    """False when ``text`` holds a lone UTF-16 surrogate (U+D800..U+DFFF), which UTF-8 cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _raise_bad_value(value: Any, max_depth: int) -> None:
+    """Raise the DataError that names the first value :func:`check_json_value` rejects, with its JSON path."""
+    path, bad, what = _find_bad_value(value, max_depth)
+    if what == "depth":
+        raise DataError(f"the sample's JSON is nested more than data.limits.max_json_depth={max_depth} deep "
+                        f"(at {path})", category="limit")
+    if what == "key" or isinstance(bad, str):
+        name = "a key" if what == "key" else "text"
+        raise DataError(f"{name} at {path} holds a lone UTF-16 surrogate (e.g. a caption cut in the middle of an "
+                        f"emoji): {ascii(bad)[:60]}; text must be valid Unicode", category="text_encoding")
+    if isinstance(bad, float):
+        raise DataError(f"the number at {path} is {bad} (JSON numbers must be finite)", category="limit")
+    raise DataError(f"the integer at {path} has {len(str(abs(bad)))} digits; integers must fit in 64 bits",
+                    category="limit")
+
+
+def _find_bad_value(value: Any, max_depth: int) -> tuple[str, Any, str]:
+    """(JSON path like ``conversations[1].value``, the value, 'depth' | 'key' | 'scalar') of the first value
+    :func:`check_json_value` rejects (the slow walk, run only when there is one)."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 1)]
+    while stack:
+        v, path, depth = stack.pop()
+        if isinstance(v, (dict, list)) and depth > max_depth:
+            return path or "the top", v, "depth"
+        if isinstance(v, dict):
+            for k, item in v.items():
+                where = f"{path}.{k}" if path else k
+                if not valid_unicode(k):
+                    return ascii(where), k, "key"
+                stack.append((item, where, depth + 1))
+        elif isinstance(v, list):
+            stack.extend((item, f"{path}[{j}]", depth + 1) for j, item in enumerate(v))
+        elif _bad_scalar(v):
+            return path or "the top", v, "scalar"
+    raise AssertionError("check_json_value rejected a value _find_bad_value accepts")
 
 
 def _json_type(v: Any) -> str:
@@ -152,6 +253,9 @@ def _turn(i: int, turn: Any) -> Turn:
         raise _err(f"turn {i} text ('value') must be a string, got {_json_type(text)}", "conversation_format")
     if not text.strip():
         raise _err(f"turn {i} has empty text", "empty_turn")
+    if RESERVED_CHARACTER in text:
+        raise _err(f"turn {i} contains U+E000, a private-use character refvllm reserves for its placeholder "
+                   "markers", "reserved_character")
     return Turn(ROLES[role.lower()], text)
 
 
@@ -181,14 +285,22 @@ def _normalise_placeholders(turns: list[Turn], media_type: str) -> list[Turn]:
 # ---------------------------------------------------------------------------------------------- annotation
 
 
-def _objects(annotation: Any, media_type: str) -> list[dict[int, Any]]:
+def _objects(annotation: Any, media_type: str, limits: DataLimits) -> list[dict[int, Any]]:
     """``annotation`` -> one {frame index: segmentation} per object, null frames dropped, frames sorted."""
     if annotation is None:
         return []
     if not isinstance(annotation, list):
         raise _err(f"'annotation' must be a list with one object per {REGION_PLACEHOLDER}, got "
                    f"{_json_type(annotation)}", "annotation_format")
-    return [_object(k, obj, media_type) for k, obj in enumerate(annotation)]
+    if len(annotation) > limits.max_objects:
+        raise _err(f"'annotation' has {len(annotation)} objects, more than data.limits.max_objects="
+                   f"{limits.max_objects}", "limit")
+    objects = [_object(k, obj, media_type) for k, obj in enumerate(annotation)]
+    masks = sum(len(obj) for obj in objects)
+    if masks > limits.max_masks:
+        raise _err(f"the objects have {masks} masks together, more than data.limits.max_masks={limits.max_masks}",
+                   "limit")
+    return objects
 
 
 def _object(k: int, obj: Any, media_type: str) -> dict[int, Any]:
@@ -218,10 +330,13 @@ def _object(k: int, obj: Any, media_type: str) -> dict[int, Any]:
     return dict(sorted(frames.items()))
 
 
+_MAX_FRAME_DIGITS = 9  # a frame index below 10^9 (a day of video at 10,000 fps); more digits are an error
+
+
 def _try_int(key: Any) -> int | None:
     if isinstance(key, str) and key.isascii() and key.isdigit():
-        return int(key)
-    if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+        return int(key) if len(key.lstrip("0")) <= _MAX_FRAME_DIGITS else None
+    if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < 10 ** _MAX_FRAME_DIGITS:
         return key
     return None
 
@@ -233,6 +348,8 @@ def _frame_index(k: int, key: Any) -> int:
         text = str(key)
         if re.fullmatch(r"\s*-\d+\s*", text):
             raise _err(f"object {k}: frame index {text!r} is negative", "frame_index")
+        if text.isascii() and text.isdigit():
+            raise _err(f"object {k}: frame index {text[:20]}... ({len(text)} digits) is too large", "frame_index")
         raise _err(f"object {k}: frame key {text!r:.40} is not a frame index (a non-negative integer written as "
                    "a string, e.g. \"12\")", "frame_index")
     return frame

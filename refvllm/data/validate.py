@@ -43,9 +43,10 @@ from refvllm.config import Config, DataConfig, load_config
 from refvllm.constants import SAMPLE_KINDS
 from refvllm.data.decode import decode_sample_report
 from refvllm.data.index import SampleIndex
+from refvllm.data.limits import DataLimits
 from refvllm.data.masks import MaskRescaleWarning
-from refvllm.data.schema import parse_sample
-from refvllm.errors import ConfigError, DataError
+from refvllm.data.schema import parse_sample, raw_sample_id
+from refvllm.errors import ConfigError, DataError, unexpected_error
 
 DEFAULT_IMAGE_SIZE = 384  # frame size used without --config (SigLIP's); only the final resize depends on it
 EXAMPLES_PER_CATEGORY = 3
@@ -59,6 +60,7 @@ class Settings:
     num_frames: int
     image_size: int
     mask_resize: str
+    limits: DataLimits
 
 
 def _cpu_count() -> int:
@@ -98,9 +100,12 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        index = SampleIndex(args.data, cache_dir=cache_dir)
+        index = SampleIndex(args.data, cache_dir=cache_dir, limits=settings.limits)
     except DataError as e:  # the file itself is not readable JSON/JSONL
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    if len(index) == 0:  # "0 samples, 0 invalid" would read as a pass
+        print(f"error: data file '{args.data}' has no samples", file=sys.stderr)
         return 1
     summary = Summary()
     start = time.perf_counter()
@@ -129,10 +134,26 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Settings, str | None]:
     num_frames = args.num_frames if args.num_frames is not None else data_cfg.num_frames
     if num_frames < 1:
         raise UsageError(f"--num-frames must be >= 1, got {num_frames}")
+    if args.report:
+        _check_writable(args.report)
     processor = _load_processor(cfg) if cfg is not None else None
     image_size = processor.spec.image_size if processor is not None else DEFAULT_IMAGE_SIZE
-    settings = Settings(data_root, num_frames, image_size, args.mask_resize or data_cfg.mask_resize)
+    settings = Settings(data_root, num_frames, image_size, args.mask_resize or data_cfg.mask_resize,
+                        data_cfg.limits)
     return processor, settings, args.cache_dir or data_cfg.index_cache_dir or None
+
+
+def _check_writable(report: str) -> None:
+    """UsageError unless ``report`` names a file that can be written (checked before any work is done)."""
+    path = Path(report)
+    if path.is_dir():
+        raise UsageError(f"--report '{report}' is a folder; give a file name (e.g. {path / 'report.jsonl'})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--report '{report}' cannot be written: {e.strerror or e}") from None
 
 
 def _load_processor(cfg: Config):
@@ -176,8 +197,8 @@ def check_sample(index: SampleIndex, i: int, settings: Settings, processor=None)
             row["ok"] = True
         except DataError as e:
             row["error"], row["category"] = e.reason, error_category(e)
-        except Exception as e:  # a bug or an unforeseen library failure: report it, keep validating the rest
-            row["error"], row["category"] = f"internal error ({type(e).__name__}: {e}); please report", "internal"
+        except Exception as e:  # noqa: BLE001 (a bug or an unforeseen failure: report it, validate the rest)
+            row["error"], row["category"] = unexpected_error(e).reason, "internal"
     row["warnings"] = sorted({str(w.message) for w in caught
                               if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))})
     return row
@@ -185,21 +206,15 @@ def check_sample(index: SampleIndex, i: int, settings: Settings, processor=None)
 
 def _check_into(row: dict, index: SampleIndex, i: int, settings: Settings, processor) -> None:
     raw = index.raw(i)
-    row["id"] = raw_id(raw)
-    sample = parse_sample(raw, i)
+    row["id"] = raw_sample_id(raw)
+    sample = parse_sample(raw, i, settings.limits)
     row.update(id=sample.id, kind=sample.kind, num_regions=sample.num_regions,
                mask_frames=[sorted(obj) for obj in sample.objects])
     decoded, areas = decode_sample_report(sample, settings.data_root, settings.num_frames, settings.image_size,
-                                          settings.mask_resize)
+                                          settings.mask_resize, settings.limits)
     row["mask_area"] = [{str(f): a for f, a in obj.items()} for obj in areas]
     if processor is not None:
         processor.encode(decoded)
-
-
-def raw_id(raw: Any) -> str | None:
-    """The id of a raw sample as a string, when it has a usable one."""
-    value = raw.get("id") if isinstance(raw, dict) else None
-    return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
 
 
 def error_category(e: DataError) -> str:
@@ -283,7 +298,7 @@ def _isolated(index, settings, processor, start: int, stop: int) -> Iterator[dic
 
 def _crash_row(index: SampleIndex, i: int) -> dict:
     try:
-        sample_id = raw_id(index.raw(i))
+        sample_id = raw_sample_id(index.raw(i))
     except DataError:
         sample_id = None
     return {"index": i, "id": sample_id, "ok": False, "category": "worker_crash",

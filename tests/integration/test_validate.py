@@ -182,3 +182,33 @@ def test_config_checks_length_with_the_processor(data, tmp_path_factory, capsys)
     assert video_rows and all(not r["ok"] and r["category"] == "too_long" for r in video_rows)
     assert image_rows and all(r["ok"] for r in image_rows)
     assert "max_length 60" in video_rows[0]["error"]
+
+
+def test_report_that_cannot_be_written_is_a_usage_error(data, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    for report, words in ((tmp_path, "is a folder"), (tmp_path / "a_file" / "r.jsonl", "cannot be written")):
+        code, out = _run([data / "good.json", "--report", report, "--workers", 1], capsys)
+        assert code == 2 and words in out.err and "Traceback" not in out.err
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "[]", " [ ] "])
+def test_a_data_file_without_samples_fails(tmp_path, capsys, text):
+    (tmp_path / "e.json").write_text(text)
+    code, out = _run([tmp_path / "e.json", "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 1 and "has no samples" in out.err
+
+
+def test_text_the_terminal_cannot_encode_is_escaped(data, tmp_path):
+    """Under an ASCII-only stdout, a summary quoting non-ASCII (and surrogate-escaped) text prints escapes."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps(video_sample("vidéo_漢字.mp4", sample_id="é")) + "\n"
+                    + json.dumps(video_sample("v\udc00.mp4", sample_id="\ud83d")) + "\n")
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    proc = subprocess.run([sys.executable, "-m", "refvllm", "validate", str(path), "--data-root", str(data),
+                           "--workers", "1", "--cache-dir", str(tmp_path / "c")], capture_output=True, text=True,
+                          env=env, encoding="ascii", errors="strict", timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "vid\\xe9o_\\u6f22\\u5b57.mp4" in proc.stdout and "text_encoding" in proc.stdout

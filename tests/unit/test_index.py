@@ -141,3 +141,98 @@ def test_sample_parses(tmp_path, cache):
                                                           {"from": "gpt", "value": "yo"}]}
     idx = SampleIndex(_write_jsonl(tmp_path / "a.jsonl", [raw]), cache_dir=cache)
     assert idx.sample(0).kind == "image"
+
+
+# ---------------------------------------------------------------------------------------------- hostile inputs
+
+HOSTILE_LINES = {  # JSON text of one sample -> (category, words of the reason)
+    '{"id": 1, "text": "cut \\ud83d"}': ("text_encoding", "text at text holds a lone UTF-16 surrogate"),
+    '{"id": 1, "c": [{"value": "\\udc00 x"}]}': ("text_encoding", "c[0].value"),
+    '{"id": 1, "\\ud800": 2}': ("text_encoding", "a key at"),
+    '{"id": ' + "9" * 5000 + "}": ("limit", "cannot decode"),
+    '{"id": ' + "9" * 300 + "}": ("limit", "300 digits; integers must fit in 64 bits"),
+    '{"height": 1e400}': ("limit", "the number at height is inf"),
+    '{"x": NaN}': ("limit", "must be finite"),
+    "[" * 100_000 + "]" * 100_000: ("limit", "nested"),
+    '{"a": ' + "[" * 40 + "]" * 40 + "}": ("limit", "nested more than data.limits.max_json_depth=32 deep (at a"),
+}
+
+
+@pytest.mark.parametrize("line", list(HOSTILE_LINES), ids=range(len(HOSTILE_LINES)))
+def test_hostile_json_values_fail_only_their_sample(tmp_path, cache, line):
+    category, words = HOSTILE_LINES[line]
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps(SAMPLES[0]) + "\n" + line + "\n" + json.dumps(SAMPLES[2]) + "\n")
+    idx = SampleIndex(path, cache_dir=cache)
+    assert len(idx) == 3 and idx.raw(0) == SAMPLES[0] and idx.raw(2) == SAMPLES[2]
+    with pytest.raises(DataError) as info:
+        idx.sample(1)  # raw() refuses what json cannot decode, parse_sample the rest
+    assert (info.value.index, info.value.category) == (1, category) and words in info.value.reason
+
+
+@pytest.mark.parametrize("line", list(HOSTILE_LINES)[3:], ids=range(len(HOSTILE_LINES) - 3))
+def test_hostile_elements_of_a_json_array_fail_only_their_sample(tmp_path, cache, chunk, line):
+    """Valid syntax the decoder refuses (deep nesting, 5,000 digits) is indexed by bracket matching."""
+    category, words = HOSTILE_LINES[line]
+    path = tmp_path / "a.json"
+    path.write_text("[" + json.dumps(SAMPLES[0]) + ",\n" + line + ",\n" + json.dumps(SAMPLES[2]) + "]")
+    idx = SampleIndex(path, cache_dir=cache)
+    assert len(idx) == 3 and idx.raw(0) == SAMPLES[0] and idx.raw(2) == SAMPLES[2]
+    with pytest.raises(DataError) as info:
+        idx.sample(1)
+    assert (info.value.index, info.value.category) == (1, category) and words in info.value.reason
+
+
+def test_oversized_sample_is_rejected_without_reading_it(tmp_path, cache, chunk):
+    from refvllm.data.limits import DataLimits
+
+    big = {"id": "big", "text": 'x"\\' * 400}
+    for name, text in (("a.jsonl", "\n".join(json.dumps(s) for s in (SAMPLES[0], big, SAMPLES[2]))),
+                       ("a.json", json.dumps([SAMPLES[0], big, SAMPLES[2]]))):
+        path = tmp_path / name
+        path.write_text(text)
+        idx = SampleIndex(path, cache_dir=cache, limits=DataLimits(max_sample_bytes=1000))
+        assert len(idx) == 3 and idx.raw(2) == SAMPLES[2]
+        with pytest.raises(DataError, match="more than data.limits.max_sample_bytes=1000") as info:
+            idx.raw(1)
+        assert info.value.category == "limit"
+
+
+def test_early_syntax_error_in_a_large_array_is_reported_at_once(tmp_path, cache, monkeypatch):
+    """A typo at byte 21 of a big array must not make the scanner read the rest of the file."""
+    monkeypatch.setattr(index_module, "_CHUNK", 1 << 12)
+    path = tmp_path / "big.json"
+    body = ",".join(json.dumps(s) for s in SAMPLES * 200)  # ~400 KB after the typo
+    path.write_text('[{"id": 0, "text": "a" "b"},' + body + "]")
+    loads = []
+    real_load = index_module._JsonArrayScanner._load_more
+    monkeypatch.setattr(index_module._JsonArrayScanner, "_load_more",
+                        lambda self, size=0: loads.append(size) or real_load(self, size))
+    with pytest.raises(DataError, match="at byte 23"):
+        SampleIndex(path, cache_dir=cache)
+    assert len(loads) == 1  # the first chunk only, not the ~100 of the file
+
+
+def test_pretty_printed_object_is_one_clear_file_error(tmp_path, cache):
+    path = tmp_path / "obj.json"
+    path.write_text(json.dumps({"data": SAMPLES[:3]}, indent=2))
+    with pytest.raises(DataError, match="one JSON object written over several lines") as info:
+        SampleIndex(path, cache_dir=cache)
+    assert info.value.category == "json_syntax"
+    one_line = _write_jsonl(tmp_path / "one.jsonl", SAMPLES[:1])  # a one-line object is a 1-sample JSONL
+    assert len(SampleIndex(one_line, cache_dir=cache)) == 1
+
+
+def test_cache_notices_a_rewrite_that_keeps_size_and_mtime(tmp_path, cache):
+    """cp -p / rsync -a / tar keep size and mtime: the key also covers inode, ctime and the content."""
+    path = tmp_path / "a.jsonl"
+    lines = [json.dumps({"id": i, "t": "aa"}) for i in range(4)]
+    path.write_text("\n".join(lines) + "\n")
+    stat = path.stat()
+    assert len(SampleIndex(path, cache_dir=cache)) == 4
+    shifted = [json.dumps({"id": i, "t": "a"}) for i in range(4)]  # each line 1 byte shorter ...
+    path.write_text("\n".join(shifted) + "\n" + "\n" * 4)  # ... same size: 4 more blank lines
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    idx = SampleIndex(path, cache_dir=cache)
+    assert [idx.raw(i) for i in range(4)] == [json.loads(t) for t in shifted]

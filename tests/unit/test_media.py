@@ -6,6 +6,7 @@ from helpers_media import frame_index_of, indexed_frames, write_frame_folder, wr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from refvllm.data import media as media_module
 from refvllm.data.media import (
     VIDEO_STRATEGIES,
     FrameFolderReader,
@@ -177,8 +178,8 @@ def test_plan_invariants(data):
     objects = [data.draw(st.lists(st.integers(0, num_total - 1), min_size=1, max_size=30)) for _ in range(num_objects)]
     try:
         plan = plan_frames(num_total, budget, objects)
-    except DataError as e:
-        assert e.category == "frame_budget" and num_objects > budget
+    except DataError as e:  # only when no `budget` frames hold a mask frame of every object
+        assert e.category == "frame_budget" and _min_hitting_set(objects) > budget
         return
     frames = plan.frame_indices
     assert frames == sorted(set(frames)) and len(frames) == min(budget, num_total)
@@ -190,6 +191,121 @@ def test_plan_invariants(data):
             assert set(kept) == set(obj)
     assert plan == plan_frames(num_total, budget, objects)  # deterministic
 
+
+
+def _min_hitting_set(objects: list[list[int]]) -> int:
+    """Brute force: the fewest frames holding a frame of every object. Every way of grouping the objects is tried;
+    a group can share one frame when its frame sets have a common frame."""
+    best = len(objects)
+
+    def place(i: int, groups: list[set[int]]) -> None:
+        nonlocal best
+        if len(groups) >= best:
+            return
+        if i == len(objects):
+            best = len(groups)
+            return
+        for g, common in enumerate(groups):
+            if common & set(objects[i]):
+                place(i + 1, [*groups[:g], common & set(objects[i]), *groups[g + 1:]])
+        place(i + 1, [*groups, set(objects[i])])
+
+    place(0, [])
+    return best
+
+
+def _check_plan(plan, num_total: int, budget: int, objects: list[list[int]]) -> None:
+    frames = plan.frame_indices
+    assert frames == sorted(set(frames)) and len(frames) == min(budget, num_total)
+    assert all(0 <= f < num_total for f in frames)
+    assert len(plan.object_frames) == len(objects)
+    for obj, kept in zip(objects, plan.object_frames, strict=True):
+        assert kept and kept == sorted(set(kept)) and set(kept) <= set(obj) and set(kept) <= set(frames)
+
+
+def test_objects_sharing_mask_frames_fit_the_budget():
+    # 17 objects on the 16 frames of a ring (object k on frames k and k + 1 mod 16) fit whole
+    ring = [[10 * (k % 16), 10 * ((k + 1) % 16)] for k in range(17)]
+    plan = plan_frames(1000, 16, ring)
+    assert plan.frame_indices == list(range(0, 160, 10)) and plan.object_frames == [sorted(o) for o in ring]
+    assert plan_frames(1000, 16, [list(range(16))] * 17).frame_indices == list(range(16))
+    # with two frames of its own each, the quota greedy keeps those (the middle of each object's frames) and
+    # runs out; the exact search keeps the ring frames
+    ring = [[10 * (k % 16), 10 * ((k + 1) % 16), 500 + 2 * k, 501 + 2 * k] for k in range(17)]
+    assert media_module._shrink_quotas([sorted(o) for o in ring], 16) is None
+    plan = plan_frames(1000, 16, ring)
+    _check_plan(plan, 1000, 16, ring)
+    assert all(min(kept) < 500 for kept in plan.object_frames)
+    assert plan == plan_frames(1000, 16, ring)  # deterministic
+
+
+def test_spare_budget_goes_to_the_objects_round_robin():
+    # one frame (5) hits objects 0..16; the other 15 frames are spread over the objects' own frames in order
+    objects = [[5, 100 + 10 * k, 101 + 10 * k] for k in range(17)]
+    assert media_module._shrink_quotas([sorted(o) for o in objects], 16) is None
+    plan = plan_frames(1000, 16, objects)
+    _check_plan(plan, 1000, 16, objects)
+    assert all(5 in kept for kept in plan.object_frames)
+    assert [len(kept) for kept in plan.object_frames] == [2] * 15 + [1, 1]
+
+
+def test_frame_budget_errors_give_the_fewest_frames_needed():
+    with pytest.raises(DataError) as info:
+        plan_frames(1000, 16, [[3 * k, 3 * k + 1] for k in range(17)])  # 17 objects on disjoint frames
+    assert info.value.category == "frame_budget" and info.value.index is None
+    assert info.value.reason == (f"objects {', '.join(map(str, range(17)))} share no mask frame, so they need at least "
+                                 "17 distinct frames; the frame budget data.num_frames is 16")
+    # 9 triangles (objects on {a, b}, {b, c}, {a, c}): any two objects share a frame within a triangle, so at
+    # most 9 objects are pairwise disjoint, yet each triangle needs 2 frames
+    triangles = [pair for t in range(9) for pair in ([10 * t, 10 * t + 1], [10 * t + 1, 10 * t + 2],
+                                                     [10 * t, 10 * t + 2])]
+    with pytest.raises(DataError) as info:
+        plan_frames(1000, 17, triangles)
+    assert info.value.category == "frame_budget"
+    assert info.value.reason == ("keeping a mask frame of each of the 27 objects takes 18 distinct frames; the frame "
+                                 "budget data.num_frames is 17")
+    _check_plan(plan_frames(1000, 18, triangles), 1000, 18, triangles)
+
+
+def test_frame_budget_error_when_the_search_gives_up(monkeypatch):
+    monkeypatch.setattr(media_module, "_COVER_SEARCH_NODES", 3)
+    triangles = [pair for t in range(9) for pair in ([10 * t, 10 * t + 1], [10 * t + 1, 10 * t + 2],
+                                                     [10 * t, 10 * t + 2])]
+    with pytest.raises(DataError) as info:
+        plan_frames(1000, 17, triangles)
+    assert info.value.category == "frame_budget" and "within the search budget" in info.value.reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_plan_fits_exactly_when_a_small_enough_frame_cover_exists(data):
+    num_total = data.draw(st.integers(1, 40))
+    budget = data.draw(st.integers(1, 6))
+    objects = data.draw(st.lists(st.lists(st.integers(0, num_total - 1), min_size=1, max_size=4), max_size=8))
+    fits = _min_hitting_set(objects) <= budget
+    try:
+        plan = plan_frames(num_total, budget, objects)
+    except DataError as e:
+        assert e.category == "frame_budget" and not fits
+        return
+    assert fits
+    _check_plan(plan, num_total, budget, objects)
+    assert plan == plan_frames(num_total, budget, objects)  # deterministic
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_plan_many_objects_on_a_long_video(shared):
+    # 50 objects, T = 16, 2000 frames: with 16 shared frames the plan needs the exact search (milliseconds);
+    # without, the objects spread over the video do not fit and the error lists the disjoint ones
+    rng = np.random.default_rng(0)
+    hubs = rng.choice(2000, 16, replace=False)
+    objects = [{int(f) for f in rng.choice(2000, rng.integers(1, 30))} for _ in range(50)]
+    objects = [sorted(o | {int(rng.choice(hubs))} if shared else o) for o in objects]
+    try:
+        _check_plan(plan_frames(2000, 16, objects), 2000, 16, objects)
+        assert shared
+    except DataError as e:
+        assert not shared and e.category == "frame_budget" and "share no mask frame" in e.reason
 
 def test_resize_frames():
     frames = indexed_frames(3, 48, 64)
