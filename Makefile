@@ -66,6 +66,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/region_encoder.py
 	$(BIN)/python benchmarks/data_loading.py
+	$(BIN)/python benchmarks/hostile_inputs.py
 
 clean:
 	rm -rf runs .pytest_cache

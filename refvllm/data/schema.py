@@ -87,24 +87,39 @@ def check_json_value(value: Any, max_depth: int) -> None:
     """DataError (category ``limit`` or ``text_encoding``) unless ``value`` is at most ``max_depth`` deep, every
     int fits int64, every float is finite and every string (dict keys too) is valid Unicode.
 
-    An iterative walk (a deep value cannot overflow the stack); the path of the first bad value is only worked
-    out when there is one (:func:`_find_bad_value`), so the common case is one pass without string building.
+    The check recurses at most ``max_depth`` levels (it stops at the first level too deep), with the scalar
+    tests inlined, since it runs on every sample; the path of the first bad value is only worked out when there
+    is one (:func:`_find_bad_value`).
     """
-    stack = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
+    container = type(value) in (dict, list)
+    if not _values_ok(value, 1, max_depth) if container else _bad_scalar(value):
+        _raise_bad_value(value, max_depth)
+
+
+def _values_ok(node: dict | list, depth: int, max_depth: int) -> bool:
+    """True when ``node`` (at ``depth``) and everything in it pass :func:`check_json_value`."""
+    if depth > max_depth:
+        return False
+    if type(node) is dict:
+        if not "".join(node).isascii() and not all(valid_unicode(k) for k in node):  # keys: one C-level test
+            return False
+        items = node.values()
+    else:
+        items = node
+    for v in items:
         t = type(v)
-        if t is dict or t is list:
-            if depth > max_depth:
-                _raise_bad_value(value, max_depth)
-            if t is dict:
-                if not all(k.isascii() or valid_unicode(k) for k in v):
-                    _raise_bad_value(value, max_depth)
-                stack.extend((item, depth + 1) for item in v.values())
-            else:
-                stack.extend((item, depth + 1) for item in v)
-        elif _bad_scalar(v):
-            _raise_bad_value(value, max_depth)
+        if t is str:
+            if not v.isascii() and not valid_unicode(v):
+                return False
+        elif t is float:
+            if v - v != 0.0:  # inf - inf and nan - nan are nan: the fastest finiteness test in Python
+                return False
+        elif t is int:
+            if not -INT64_MAX - 1 <= v <= INT64_MAX:
+                return False
+        elif (t is dict or t is list) and not _values_ok(v, depth + 1, max_depth):
+            return False
+    return True
 
 
 def _bad_scalar(v: Any) -> bool:
