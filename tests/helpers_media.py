@@ -41,9 +41,10 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 10, gop: int = 
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.codec_context.gop_size = gop
-        stream.options = {"preset": "veryfast", "crf": "10"}
+        stream.options = {"preset": "veryfast", "crf": "10", "threads": "1", "x264-params": "mbtree=0"}  # as synthetic
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+            rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            for packet in stream.encode(rgb.reformat(format="yuv420p", threads=1)):  # see synthetic.write_video
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

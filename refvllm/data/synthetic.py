@@ -449,13 +449,23 @@ def write_video(path: Path, frames: np.ndarray, codec: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
         if codec == "h264":
-            stream = container.add_stream("libx264", rate=FPS, options={"crf": "10", "preset": "medium"})
+            # Bit-for-bit the same video for the same seed, whatever the machine and the process's history:
+            # "threads" 1 (codec_context.thread_count alone left x264 choosing by the CPU count) and no
+            # macroblock tree (mbtree=0): with it, x264 wrote other bytes for the same frames in about one
+            # encode in ten, depending on what the process had encoded before (seen in one loop of 400
+            # encodes; no other setting tried made it deterministic).
+            stream = container.add_stream("libx264", rate=FPS, options={
+                "crf": "10", "preset": "medium", "threads": "1", "x264-params": "mbtree=0"})
         else:
             stream = container.add_stream("mpeg4", rate=FPS, options={"qscale": "2"})
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.codec_context.thread_count = 1  # deterministic bitstream
         for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            # The RGB -> YUV conversion is ours, single-threaded: left to encode(), swscale picks its thread
+            # count itself (PyAV's default is "auto"), and two runs of the same seed wrote different videos
+            # when the machine was busy.
+            yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p", threads=1)
+            container.mux(stream.encode(yuv))
         container.mux(stream.encode(None))
 
 
