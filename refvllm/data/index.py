@@ -232,23 +232,28 @@ def _detect_format(path: str) -> str:
 
 def _spans_lines(f, head: bytes) -> bool:
     """True when the JSON value at the start of the file ends on a later line than its first (``f`` is the
-    open file, positioned after ``head``). Reads at most 64 MiB; a first line that is valid JSON is JSONL."""
+    open file, positioned after ``head``). A first line that is valid JSON is JSONL; so is a start that is not
+    valid JSON (the lines are then reported one by one). Reads more only while the value may be cut by what is
+    loaded, doubling, and at most 64 MiB."""
     text = head.decode("latin-1")
     start = len(text) - len(text.removeprefix(_BOM.decode("latin-1")).lstrip(" \t\r\n"))
     first_newline = text.find("\n", start)
     if first_newline < 0 and len(head) < (1 << 16):
         return False  # a single line
-    for _ in range(1024):  # 64 KiB at a time: the value must end before the end of what is loaded
+    while True:
         try:
             _, end = json.JSONDecoder().raw_decode(text, start)
-        except (json.JSONDecodeError, RecursionError, ValueError):
-            more = f.read(1 << 16)
+        except json.JSONDecodeError as e:
+            if not (e.msg.startswith("Unterminated string") or e.pos >= len(text) - _TRUNCATION_SLACK):
+                return False  # a real syntax error: not one valid multi-line value
+            more = f.read(len(text)) if len(text) < (64 << 20) else b""
             if not more:
                 return False
             text += more.decode("latin-1")
             continue
+        except (RecursionError, ValueError):
+            return False
         return 0 <= first_newline < end
-    return False
 
 
 def build_offsets(path: str, fmt: str, limits: DataLimits = DEFAULT_LIMITS) -> np.ndarray:
@@ -390,12 +395,12 @@ class _JsonArrayScanner:
         """(start, end) byte offsets of the element at the current position; advances past it."""
         self._skip_ws()
         while True:
-            if len(self.text) - self.p > self.max_sample_bytes:  # too large to decode here: find its end only
-                return self._skip_element()
             try:
                 _, end = self.decoder.raw_decode(self.text, self.p)
             except json.JSONDecodeError as e:
                 cut = e.msg.startswith("Unterminated string") or e.pos >= len(self.text) - _TRUNCATION_SLACK
+                if cut and len(self.text) - self.p > self.max_sample_bytes:  # too large to decode: its end only
+                    return self._skip_element()
                 if cut and self._load_more(len(self.text) - self.p):  # maybe the element continues
                     continue
                 raise self._error(e.msg, self.base + e.pos) from None

@@ -236,3 +236,18 @@ def test_cache_notices_a_rewrite_that_keeps_size_and_mtime(tmp_path, cache):
     assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
     idx = SampleIndex(path, cache_dir=cache)
     assert [idx.raw(i) for i in range(4)] == [json.loads(t) for t in shifted]
+
+
+def test_jsonl_whose_first_line_is_broken_is_still_jsonl(tmp_path, cache, monkeypatch):
+    """The pretty-printed-object check must not re-decode a large JSONL file whose first line is cut."""
+    decodes = []
+    real = index_module.json.JSONDecoder.raw_decode
+    monkeypatch.setattr(index_module.json.JSONDecoder, "raw_decode",
+                        lambda self, s, idx=0: decodes.append(len(s)) or real(self, s, idx))
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"id": 0, "broken": \n' + "\n".join(json.dumps(s) for s in SAMPLES * 100) + "\n")
+    idx = SampleIndex(path, cache_dir=cache)
+    assert len(idx) == 1 + len(SAMPLES) * 100 and idx.raw(1) == SAMPLES[0]
+    with pytest.raises(DataError, match="invalid JSON"):
+        idx.raw(0)
+    assert sum(n > 1000 for n in decodes) == 1  # one look at the start, not one per 64 KiB of the file
