@@ -188,13 +188,16 @@ class RefInference:
         return prepare_prompt(self.processor, sample, data_root)
 
     def generation_kwargs(self, **overrides: Any) -> dict[str, Any]:
-        """``max_new_tokens``/``do_sample`` (and ``temperature``/``top_p`` when sampling) from ``eval.*``."""
+        """Every generation setting, explicitly: ``max_new_tokens``/``do_sample`` (and ``temperature``/``top_p``
+        when sampling) from ``eval.*``, everything else that could change the answer turned off (see
+        :func:`neutral_generation_settings`). What this returns is what the metrics file records."""
         e = self.cfg.eval
-        kwargs: dict[str, Any] = {"max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample}
+        kwargs: dict[str, Any] = {**neutral_generation_settings(), "max_new_tokens": e.max_new_tokens,
+                                  "do_sample": e.do_sample}
         if e.do_sample:
             kwargs.update(temperature=e.temperature, top_p=e.top_p)
         kwargs.update(overrides)
-        if not kwargs.get("do_sample"):  # greedy: keep the checkpoint's sampling defaults out of the way
+        if not kwargs.get("do_sample"):  # greedy: no sampling parameter at all (transformers warns on them)
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
@@ -243,6 +246,29 @@ class RefInference:
             ablate_regions: bool = False, **generation: Any) -> str:
         """The answer to one question about the objects given by ``masks`` (see the module docstring)."""
         return self.ask_batch([Query(video, masks, question, frame_idx)], ablate_regions, **generation)[0]
+
+
+# Generation settings that change the answer and that a checkpoint's generation_config.json may set (Qwen2.5:
+# do_sample, temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05), with the value that turns each off.
+# transformers fills every setting a caller leaves at its default from the model's generation config, so
+# "greedy" only means greedy when each of them is passed explicitly.
+_NEUTRAL_GENERATION = {
+    "num_beams": 1, "top_k": None, "top_p": None, "min_p": None, "typical_p": None, "epsilon_cutoff": None,
+    "eta_cutoff": None, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "length_penalty": 1.0,
+    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
+    "min_new_tokens": None, "sequence_bias": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "exponential_decay_length_penalty": None,
+    "renormalize_logits": False, "penalty_alpha": None, "dola_layers": None, "guidance_scale": None,
+    "diversity_penalty": 0.0, "num_beam_groups": 1, "low_memory": None,
+}
+
+
+def neutral_generation_settings() -> dict[str, Any]:
+    """The settings of ``_NEUTRAL_GENERATION`` that this transformers version knows (5.17 and 5.24 differ)."""
+    from transformers import GenerationConfig
+
+    known = GenerationConfig()
+    return {k: v for k, v in _NEUTRAL_GENERATION.items() if hasattr(known, k)}
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -166,3 +166,34 @@ def test_sampling_is_optional(run):
     assert kwargs["do_sample"] is True and kwargs["temperature"] == 0.7
     assert isinstance(engine.ask(video, [mask], "What colour is <region>?", frame, do_sample=True,
                                  temperature=0.7, top_p=0.9), str)
+
+
+def test_greedy_ignores_a_checkpoint_generation_config_that_samples_and_penalises(run):
+    """Qwen2.5's generation_config.json samples (temperature 0.7, top_p 0.8, top_k 20) and penalises repetition
+    (1.05): greedy answers must be those of a model with no generation config at all, every time."""
+    from transformers import GenerationConfig
+
+    engine = _input_sensitive_engine(run["checkpoint"])
+    engine.cfg.eval.max_new_tokens = 16  # long enough to repeat tokens, so that a repetition penalty would bite
+    frame, mask = _first_mask(run)
+    video = run["data_root"] / run["sample"]["video"]
+    queries = [Query(video, [mask], q, frame) for q in ("What colour is <region>?", "Where does <region> go?",
+                                                        "Is <region> a circle?", "Describe <region> <region>?")]
+    queries[3] = Query(video, [mask, mask], queries[3].question, frame)
+    llm_gen = engine.model.llm.generation_config
+    clean = GenerationConfig(eos_token_id=llm_gen.eos_token_id, pad_token_id=llm_gen.pad_token_id)
+    engine.model.llm.generation_config = clean
+    reference = engine.ask_batch(queries)
+    engine.model.llm.generation_config = GenerationConfig(
+        do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=5.0, no_repeat_ngram_size=1,
+        eos_token_id=llm_gen.eos_token_id, pad_token_id=llm_gen.pad_token_id)
+    assert engine.ask_batch(queries) == reference == engine.ask_batch(queries)
+    used = engine.generation_kwargs()
+    assert used["do_sample"] is False and used["repetition_penalty"] == 1.0 and used["top_k"] is None
+    # The checkpoint's settings do change answers when they are let through: the check above is not vacuous.
+    items = [engine.prepare(*query_sample(q, i)) for i, q in enumerate(queries)]
+    batch = engine._to_device(collate(items, engine.processor.pad_token_id, padding_side="left"))
+    greedy = engine.model.generate(batch, **engine.generation_kwargs(), eos_token_id=engine.eos_ids)
+    penalised = engine.model.generate(batch, max_new_tokens=16, do_sample=False, top_k=None, top_p=None,
+                                      temperature=None, eos_token_id=engine.eos_ids)  # what greedy meant before
+    assert not torch.equal(penalised, greedy)
