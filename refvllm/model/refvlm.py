@@ -3,6 +3,7 @@
 Contract (batch layout: docs/architecture.md, "A batch"):
     out = model(batch)                                  # CausalLMOutputWithPast(loss, logits)
     out = model(batch, loss_normalizer=n)               # loss = summed token loss / n (accumulation windows)
+    out = model(batch, logits_at="labels")              # LM head + loss only where a label is (training)
     out = model(batch, ablate_regions=True)             # region tokens replaced by zeros
     model.train(); out = model(batch)                   # with region_dropout p: each sample's region tokens
                                                         # are zeroed with probability p (training only)
@@ -174,19 +175,38 @@ class RefVLM(nn.Module):
         return region * keep[sample_of_row, None].to(region.dtype)
 
     # ---------------------------------------------------------------------------------------- forward
-    def forward(self, batch: dict, loss_normalizer: float | None = None,
-                ablate_regions: bool = False) -> CausalLMOutputWithPast:
-        """Logits [B, L, V] and, when ``labels`` are in the batch, the next-token loss: summed over label tokens
-        and divided by ``loss_normalizer`` when given, else their mean."""
+    def forward(self, batch: dict, loss_normalizer: float | None = None, ablate_regions: bool = False,
+                logits_at: str = "all") -> CausalLMOutputWithPast:
+        """The next-token loss when ``labels`` are in the batch (summed over label tokens and divided by
+        ``loss_normalizer`` when given, else their mean), and logits.
+
+        ``logits_at="all"``: logits [B, L, V] at every position (as a Hugging Face causal LM). ``"labels"`` (the
+        trainer's): the LM head and the cross-entropy run only at the positions that predict a label (the union
+        over the batch's rows: [B, K, V], K = positions where any row has a label; ``logits`` is then that
+        tensor), through the LLM's own ``logits_to_keep``, so a LoRA on the head stays in the path. The loss
+        and its gradients are those of ``"all"`` (test_model); the memory is not: 3.5k positions x 151,936
+        vocabulary entries in float32 are 2 GB, the ~60 label positions of a referring answer 36 MB.
+        """
+        if logits_at not in ("all", "labels"):
+            raise ValueError(f"logits_at must be 'all' or 'labels', got {logits_at!r}")
         embeds, dummy = self.embed(batch, ablate_regions)
-        out = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False)
+        labels = batch.get("labels")
+        keep = None
+        if labels is not None and logits_at == "labels":
+            keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().flatten().to(embeds.device)  # predicts p + 1
+        llm_kwargs = {} if keep is None else {"logits_to_keep": keep}
+        out = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False, **llm_kwargs)
         logits = out.logits
         loss = None
-        if batch.get("labels") is not None:
-            labels = batch["labels"][:, 1:].to(logits.device)
-            token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+        if labels is not None:
+            targets = labels[:, 1:].to(logits.device)
+            if keep is None:
+                logits_used = logits[:, :-1]
+            else:
+                logits_used, targets = logits, targets[:, keep]
+            token_loss = F.cross_entropy(logits_used.flatten(0, 1).float(), targets.flatten(),
                                          ignore_index=IGNORE_INDEX, reduction="sum")
-            denom = loss_normalizer if loss_normalizer is not None else (labels != IGNORE_INDEX).sum().clamp(min=1)
+            denom = loss_normalizer if loss_normalizer is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
             loss = token_loss / denom + dummy
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 

@@ -276,7 +276,7 @@ def train_step(run: Run, micro: list[dict]) -> StepResult:
     for batch in micro:
         inputs = batch if batch["batch_size"] > 0 else run.dummy_batch
         with acc.accumulate(model):
-            out = model(to_device(inputs, acc.device), loss_normalizer=normalizer)
+            out = model(to_device(inputs, acc.device), loss_normalizer=normalizer, logits_at="labels")
             acc.backward(out.loss * scale)
             loss_sum += out.loss.detach().double().cpu()
             if acc.sync_gradients:

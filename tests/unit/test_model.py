@@ -462,3 +462,31 @@ def test_cuda_matches_cpu_and_bf16_trains_and_generates(ckpt):
     bf16.eval()
     new = bf16.generate(left_padded(_to(batch, "cuda")), max_new_tokens=3, min_new_tokens=3)
     assert new.shape == (3, 3) and new.device.type == "cuda"
+
+
+@pytest.mark.parametrize("targets", ["default", "with_head"])
+def test_loss_at_label_positions_equals_the_full_computation(ckpt, targets):
+    """logits_at='labels' (the trainer's: LM head and cross-entropy only where a label is) gives the loss and
+    the gradients of the full [B, L, V] computation, with a LoRA on the output head too."""
+    extra = ["model.lora.target_modules=[q_proj,v_proj,lm_head]"] if targets == "with_head" else []
+    model = make_model(ckpt, "siglip", "qwen2", *extra)
+    if targets == "with_head":
+        assert any("lm_head" in n and "lora_" in n for n, _ in model.named_parameters())
+    batch = collate(three_samples(model.layout))
+    model.train()
+    results = []
+    for logits_at in ("all", "labels"):
+        model.zero_grad(set_to_none=True)
+        out = model(batch, loss_normalizer=7.0, logits_at=logits_at)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full, full_grads), (lean, lean_grads) = results
+    keep = (batch["labels"][:, 1:] != IGNORE_INDEX).any(0)
+    assert full.logits.shape[1] == batch["input_ids"].shape[1] and lean.logits.shape[1] == int(keep.sum()) < 20
+    torch.testing.assert_close(lean.logits, full.logits[:, :-1][:, keep])
+    torch.testing.assert_close(lean.loss, full.loss)
+    assert full_grads.keys() == lean_grads.keys() and len(full_grads) > 10
+    for name, g in full_grads.items():
+        torch.testing.assert_close(lean_grads[name], g, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="logits_at"):
+        model(batch, logits_at="some")
