@@ -1,8 +1,8 @@
 """Typed configuration: nested dataclasses, loaded from YAML with ``key=value`` overrides.
 
 Every key a user can set lives here, with its type and default. Unknown keys are errors that suggest the
-nearest valid key. Derived values and cross-field checks live in :func:`validate_config`, the one place
-they are computed.
+nearest valid key. Every value is checked in :func:`validate_config`, the one place for checks: a rule per key
+(ranges, choices, non-empty) and the cross-field rules, so a bad value fails in one line before anything loads.
 
 Contract:
     cfg = load_config("configs/demo.yaml", ["train.max_steps=20", "model.lora.r=16"])
@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
 import typing
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,6 @@ class SynthConfig:
 @dataclass
 class DataConfig:
     train_file: str = ""  # JSON array or JSONL in the seed's format
-    eval_file: str = ""
     data_root: str = ""  # media paths are relative to this; empty = the train file's folder
     num_frames: int = 16  # the frame budget T per video; every mask frame is one of them
     max_length: int = 4096  # samples longer than this (after placeholder expansion) are rejected, never cut
@@ -167,6 +169,14 @@ _CHOICES = {
 }
 
 
+# Keys removed from the schema, with why. Every checkpoint written before a removal still has the key in its
+# config.yaml, so a retired key is dropped with a warning instead of failing as unknown (which would make old
+# checkpoints unloadable by eval, infer and export).
+_RETIRED = {
+    "data.eval_file": "nothing read it; evaluate with `refvllm eval --data FILE`",
+}
+
+
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted key of a dataclass type, leaves and sections alike."""
     keys = []
@@ -240,6 +250,10 @@ def from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "") -> Any
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
+        if key not in names and prefix + key in _RETIRED:
+            warnings.warn(f"config key '{prefix + key}' is retired and ignored ({_RETIRED[prefix + key]})",
+                          stacklevel=2)
+            continue
         if key not in names:
             raise _unknown_key(prefix + key)
         tp = hints[key]
@@ -266,7 +280,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
     """Set dotted ``key`` in the nested dict ``data``; the key must exist in the schema."""
-    if key not in _all_keys(Config):
+    if key not in _all_keys(Config) and key not in _RETIRED:  # a retired key is dropped by from_dict
         raise _unknown_key(key)
     node = data
     parts = key.split(".")
@@ -302,26 +316,177 @@ def _get(cfg: Config, key: str) -> Any:
     return node
 
 
+@dataclass(frozen=True)
+class _Allowed:
+    """A value rule: the predicate and the words that say what it allows (they go into the error)."""
+
+    ok: Callable[[Any], bool]
+    text: str
+
+
+def _at_least(low: float) -> _Allowed:
+    return _Allowed(lambda v: v >= low, f">= {low}")
+
+
+def _above(low: float) -> _Allowed:
+    return _Allowed(lambda v: v > low, f"> {low}")
+
+
+def _within(low: float, high: float, low_open: bool = False, high_open: bool = False) -> _Allowed:
+    def ok(v: float) -> bool:
+        return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
+    return _Allowed(ok, f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
+
+
+def _one_of(choices: tuple[str, ...]) -> _Allowed:
+    return _Allowed(lambda v: v in choices, f"one of {', '.join(choices)}")
+
+
+_NON_EMPTY = _Allowed(lambda v: v.strip() != "", "non-empty")
+_MODULE_NAMES = _Allowed(lambda v: len(v) > 0 and all(name.strip() for name in v),
+                         "a non-empty list of module names")
+# numpy's legacy seeding (accelerate's set_seed) takes 0 .. 2^32 - 1 only.
+_SEED = _within(0, 2**32 - 1)
+
+
+def _lora_rules(prefix: str) -> list[tuple[str, _Allowed]]:
+    return [
+        (f"{prefix}.r", _at_least(1)),
+        (f"{prefix}.alpha", _at_least(1)),  # LoRA's update is scaled by alpha / r: 0 would switch it off
+        (f"{prefix}.dropout", _within(0, 1, high_open=True)),
+        (f"{prefix}.target_modules", _MODULE_NAMES),  # PEFT adapts nothing (and errors late) on an empty list
+    ]
+
+
+# One rule per key (a float must also be finite, checked for every float key before these). Keys without a rule
+# are in _NO_RULE with the reason; tests/unit/test_config.py checks that every key is in one or the other.
+_RULES: list[tuple[str, _Allowed]] = [
+    *((key, _one_of(choices)) for key, choices in _CHOICES.items()),
+    ("data.num_frames", _at_least(1)),
+    ("data.max_length", _at_least(1)),
+    ("data.max_bad_samples", _at_least(-1)),  # -1 = no limit
+    ("data.num_workers", _at_least(0)),  # 0 = load in the training process
+    ("data.synth.num_train", _at_least(1)),  # training on the synthetic set needs a sample
+    ("data.synth.num_eval", _at_least(0)),
+    ("data.synth.seed", _SEED),
+    ("model.projector.spatial_pool", _at_least(1)),
+    ("model.projector.temporal_pool", _at_least(1)),
+    ("model.projector.hidden_size", _at_least(0)),  # 0 = the LLM's hidden size
+    ("model.region.max_tokens", _at_least(1)),
+    ("model.region.hidden_size", _at_least(0)),  # 0 = the LLM's hidden size
+    ("model.region.dropout", _within(0, 1, high_open=True)),  # 1 would never show the model a region token
+    *_lora_rules("model.lora"),
+    *_lora_rules("model.vision_lora"),
+    ("train.output_dir", _NON_EMPTY),  # empty would write checkpoints into the working directory
+    ("train.max_steps", _at_least(1)),  # a run of 0 steps trains nothing and writes no checkpoint
+    ("train.micro_batch_size", _at_least(1)),
+    ("train.grad_accum", _at_least(1)),
+    # A module that trains needs a rate > 0; a frozen one should say so with model.train_*, not with lr 0.
+    ("train.lr", _above(0)),
+    ("train.projector_lr", _above(0)),
+    ("train.region_lr", _above(0)),
+    ("train.vision_lr", _above(0)),
+    ("train.weight_decay", _at_least(0)),
+    # May exceed max_steps (a shortened smoke run of a recipe): the rate then ramps up for the whole run.
+    ("train.warmup_steps", _at_least(0)),
+    ("train.min_lr_ratio", _within(0, 1)),
+    ("train.max_grad_norm", _at_least(0)),  # 0 = no clipping
+    ("train.seed", _SEED),
+    ("train.log_steps", _at_least(1)),  # the loop logs when step % log_steps == 0
+    ("train.save_steps", _at_least(0)),  # 0 = only at the end
+    ("train.save_total_limit", _at_least(0)),  # 0 = keep all
+    ("eval.batch_size", _at_least(1)),
+    ("eval.max_new_tokens", _at_least(1)),
+    ("eval.temperature", _above(0)),  # divides the logits when sampling; greedy ignores it
+    ("eval.top_p", _within(0, 1, low_open=True)),  # 0 would keep no token
+    ("eval.judge_temperature", _at_least(0)),  # 0 = the judge's most deterministic reply
+    ("eval.judge_timeout_s", _above(0)),
+    ("eval.judge_max_retries", _at_least(0)),
+]
+
+# Keys with no value rule of their own (bools need none beyond their type), and why.
+_NO_RULE = {
+    "data.train_file": "may be empty at load: eval, infer and export load configs too; training checks the file",
+    "data.data_root": "empty = the train file's folder",
+    "data.index_cache_dir": "empty = ~/.cache/refvllm/index",
+    "data.synth.out_dir": "checked with data.synth.enabled (cross-field)",
+    "model.vision_path": "may be empty at load (the default config); checked with model.tiny and when loaded",
+    "model.llm_path": "may be empty at load (the default config); checked with model.tiny and when loaded",
+    "model.vision_feature_layer": "any hidden-state index, negative from the end; the tower's depth bounds it",
+    "model.image_mean": "checked with model.image_std (cross-field)",
+    "model.image_std": "checked with model.image_mean (cross-field)",
+    "train.resume": "none | auto | a checkpoint path (empty = none); the path is checked when training starts",
+    "eval.judge_endpoint": "empty = no judge",
+    "eval.judge_model": "checked with eval.judge_endpoint (cross-field)",
+    "eval.judge_api_key_env": "empty = no API key",
+}
+
+
+def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every non-section field of a config dataclass."""
+    out = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(_leaves(value, prefix + f.name + "."))
+        else:
+            out.append((prefix + f.name, value))
+    return out
+
+
+def _bad(key: str, allowed: str, value: Any) -> ConfigError:
+    return ConfigError(f"config key '{key}' must be {allowed}; got {value!r}")
+
+
+def _check_cross_field(cfg: Config) -> None:
+    """Rules that tie keys together; each error names the key to change."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if (m.image_mean is None) != (m.image_std is None):
+        raise ConfigError("config keys 'model.image_mean' and 'model.image_std' must be set together")
+    if m.image_mean is not None:
+        for key, values in (("model.image_mean", m.image_mean), ("model.image_std", m.image_std)):
+            if len(values) != 3:  # one per RGB channel
+                raise _bad(key, "a list of 3 numbers (R, G, B)", values)
+        if not all(s > 0 for s in m.image_std):  # pixels are divided by it
+            raise _bad("model.image_std", "a list of 3 numbers > 0", m.image_std)
+    # fp16 autocast over bfloat16 weights mixes the two half types (and fp16's loss scaling expects fp32 grads).
+    if t.mixed_precision == "fp16" and m.dtype == "bfloat16":
+        raise ConfigError("config key 'train.mixed_precision' must be bf16 or no with model.dtype=bfloat16; got 'fp16'")
+    # FlashAttention-2 kernels take half precision only. Training's bf16 autocast would cast float32 weights'
+    # activations, but eval and infer run without autocast on the same config, and fail in the first forward.
+    if m.attn_implementation == "flash_attention_2" and m.dtype != "bfloat16":
+        raise ConfigError(f"config key 'model.dtype' must be bfloat16 with model.attn_implementation="
+                          f"flash_attention_2 (its kernels run in half precision only; or use sdpa); got {m.dtype!r}")
+    if m.tiny:  # the tiny checkpoints are written at these paths
+        for key in ("model.vision_path", "model.llm_path"):
+            if not _get(cfg, key).strip():
+                raise _bad(key, "non-empty with model.tiny (where the tiny checkpoint goes)", _get(cfg, key))
+    if d.synth.enabled:  # the data is written to out_dir and then read as train_file (its train.json)
+        for key in ("data.synth.out_dir", "data.train_file"):
+            if not _get(cfg, key).strip():
+                raise _bad(key, "non-empty with data.synth.enabled", _get(cfg, key))
+    if cfg.eval.judge_endpoint and not cfg.eval.judge_model.strip():
+        raise _bad("eval.judge_model", "non-empty (the judge model's name) when eval.judge_endpoint is set",
+                   cfg.eval.judge_model)
+
+
 def validate_config(cfg: Config) -> None:
-    """Cross-field checks; raises ConfigError naming the key."""
-    for key, choices in _CHOICES.items():
-        if _get(cfg, key) not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got {_get(cfg, key)!r}")
-    positive = ["data.num_frames", "data.max_length", "model.projector.spatial_pool", "model.projector.temporal_pool",
-                "model.region.max_tokens", "train.micro_batch_size", "train.grad_accum", "eval.batch_size"]
-    for key in positive:
-        if _get(cfg, key) < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1; got {_get(cfg, key)}")
-    if cfg.train.max_steps < 0 or cfg.train.save_steps < 0 or cfg.train.warmup_steps < 0:
-        raise ConfigError("config keys 'train.max_steps', 'train.save_steps', 'train.warmup_steps' must be >= 0")
-    if not 0.0 <= cfg.model.region.dropout < 1.0:
-        raise ConfigError(f"config key 'model.region.dropout' must be in [0, 1); got {cfg.model.region.dropout}")
+    """Check every value (the rules above, data.limits, the cross-field rules); raises ConfigError naming the key,
+    the value and what is allowed."""
+    for key, value in _leaves(cfg):
+        numbers = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise _bad(key, "finite", value)
+    for key, allowed in _RULES:
+        value = _get(cfg, key)
+        if not allowed.ok(value):
+            raise _bad(key, allowed.text, value)
     try:
         cfg.data.limits.check()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if (cfg.model.image_mean is None) != (cfg.model.image_std is None):
-        raise ConfigError("config keys 'model.image_mean' and 'model.image_std' must be set together")
+    _check_cross_field(cfg)
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -224,7 +224,7 @@ def test_flash_attention_without_flash_attn_is_a_config_error(ckpt):
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here")
     with pytest.raises(ConfigError, match="flash-attn"):
-        make_model(ckpt, "siglip", "qwen2", "model.attn_implementation=flash_attention_2")
+        make_model(ckpt, "siglip", "qwen2", "model.attn_implementation=flash_attention_2", "model.dtype=bfloat16")
 
 
 @pytest.mark.parametrize(("vision", "llm"), [("clip", "llama"), ("siglip2", "qwen2")])
