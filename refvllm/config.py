@@ -89,6 +89,8 @@ class RegionConfig:
 class ModelConfig:
     vision_path: str = ""  # local directory or hub id of a HF vision encoder (SigLIP, SigLIP2, CLIP)
     llm_path: str = ""  # local directory or hub id of a HF causal LM; its tokenizer is used
+    vision_revision: str = ""  # hub revision (branch, tag or commit) of vision_path; empty = main
+    llm_revision: str = ""  # hub revision of llm_path (and its tokenizer); empty = main
     tiny: bool = False  # make tiny offline checkpoints at vision_path/llm_path when missing (demo, tests)
     vision_feature_layer: int = -1  # hidden-state index taken from the vision tower
     image_mean: list[float] | None = None  # None = read from the vision checkpoint's preprocessor_config.json
@@ -413,6 +415,8 @@ _NO_RULE = {
     "data.synth.out_dir": "checked with data.synth.enabled (cross-field)",
     "model.vision_path": "may be empty at load (the default config); checked with model.tiny and when loaded",
     "model.llm_path": "may be empty at load (the default config); checked with model.tiny and when loaded",
+    "model.vision_revision": "any branch, tag or commit; empty = main; resolved (or refused) when loaded",
+    "model.llm_revision": "any branch, tag or commit; empty = main; resolved (or refused) when loaded",
     "model.vision_feature_layer": "any hidden-state index, negative from the end; the tower's depth bounds it",
     "model.image_mean": "checked with model.image_std (cross-field)",
     "model.image_std": "checked with model.image_mean (cross-field)",

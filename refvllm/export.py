@@ -76,8 +76,11 @@ def load_for_inference(path: str | os.PathLike, overrides: list[str] | None = No
 
 
 def _absolute_if_local(path: str) -> str:
-    """A local model path as an absolute path (so the export loads from any working directory); hub ids stay."""
-    return str(Path(path).resolve()) if path and Path(path).exists() else path
+    """A local model directory as an absolute path (so the export loads from any working directory); a hub id
+    stays as it is, so the export (and plain peft, via adapter_config.json) resolves it through the hub cache."""
+    from refvllm.hub import is_local
+
+    return str(Path(path).resolve()) if is_local(path) else path
 
 
 def export_config(cfg: Config) -> Config:

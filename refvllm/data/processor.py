@@ -106,15 +106,20 @@ class Processor:
 
     @classmethod
     def from_config(cls, cfg: Config) -> Processor:
-        """The tokenizer of ``model.llm_path`` (AutoTokenizer), the vision tower's spec and the token layout."""
+        """The tokenizer of ``model.llm_path`` (AutoTokenizer), the vision tower's spec and the token layout.
+        Both paths may be local directories or hub ids (resolved like transformers does, see refvllm.hub)."""
         from transformers import AutoTokenizer
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model.llm_path,
-                                                      trust_remote_code=cfg.model.trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"model.llm_path: cannot load a tokenizer from '{cfg.model.llm_path}': {e}") from None
+        from refvllm.hub import check_model, config_revision, first_line
+
         spec = load_visual_spec(cfg)
+        path, revision = cfg.model.llm_path, config_revision(cfg, "llm")
+        check_model(path, "model.llm_path", revision)  # one clear line for an id neither here nor on the hub
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code,
+                                                      revision=revision)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.llm_path: cannot load a tokenizer from '{path}': {first_line(e)}") from None
         return cls(tokenizer, make_token_layout(cfg, spec), spec, cfg.data.max_length, cfg.data.num_frames,
                    cfg.data.mask_resize)
 

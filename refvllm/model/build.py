@@ -24,6 +24,7 @@ from torch import nn
 
 from refvllm.config import Config, LoraConfig
 from refvllm.errors import ConfigError
+from refvllm.hub import cached_file, check_model, config_revision, first_line
 from refvllm.model.layout import load_visual_spec, make_token_layout
 from refvllm.model.refvlm import RefVLM
 from refvllm.model.region import RegionEncoder
@@ -40,14 +41,14 @@ def build_model(cfg: Config, print_table: bool = True) -> RefVLM:
     ensure_tiny_checkpoints(cfg)
     check_attn_implementation(m.attn_implementation)
     dtype = DTYPES[m.dtype]
-    spec = load_visual_spec(cfg)
+    spec = load_visual_spec(cfg)  # also the clear error for a vision_path that is neither here nor on the hub
     layout = make_token_layout(cfg, spec)
     vision = VisionTower.from_pretrained(m.vision_path, m.vision_feature_layer, m.attn_implementation, dtype,
-                                         m.trust_remote_code)
+                                         m.trust_remote_code, revision=config_revision(cfg, "vision"))
     if vision.grid != layout.grid:
         raise ConfigError(f"model.vision_path: the tower's patch grid is {vision.grid}x{vision.grid} but "
                           f"image_size/patch_size give {layout.grid}x{layout.grid}")
-    llm = _load_llm(m.llm_path, m.attn_implementation, dtype, m.trust_remote_code)
+    llm = _load_llm(m.llm_path, m.attn_implementation, dtype, m.trust_remote_code, config_revision(cfg, "llm"))
     width = llm.get_input_embeddings().embedding_dim
     projector = Projector(vision.hidden_size, width, m.projector.hidden_size or width, layout)
     region = RegionEncoder(vision.hidden_size, width, m.region.hidden_size or width, layout, spec.patch_size,
@@ -63,16 +64,20 @@ def build_model(cfg: Config, print_table: bool = True) -> RefVLM:
 
 
 def ensure_tiny_checkpoints(cfg: Config) -> None:
-    """With ``model.tiny``, write the tiny vision/LLM checkpoints at the configured paths when missing."""
+    """With ``model.tiny``, write the tiny vision/LLM checkpoints at the configured paths when missing.
+
+    "Missing": not a local directory with a ``config.json``, nor a hub id already in the hub cache (checked
+    without a network request: a tiny run is an offline run)."""
     if not cfg.model.tiny:
         return
     from refvllm.model.tiny import write_tiny_llm, write_tiny_vision
 
-    for key, path, write in (("model.vision_path", cfg.model.vision_path, write_tiny_vision),
-                             ("model.llm_path", cfg.model.llm_path, write_tiny_llm)):
+    for which, path, write in (("vision", cfg.model.vision_path, write_tiny_vision),
+                               ("llm", cfg.model.llm_path, write_tiny_llm)):
         if not path:
-            raise ConfigError(f"config key '{key}' is empty; with model.tiny it names where the tiny checkpoint goes")
-        if not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"config key 'model.{which}_path' is empty; with model.tiny it names where the tiny "
+                              "checkpoint goes")
+        if cached_file(path, "config.json", config_revision(cfg, which)) is None:
             write(path)
 
 
@@ -83,14 +88,17 @@ def check_attn_implementation(name: str) -> None:
                           "installed (pip install 'refvllm[flash]' on a CUDA machine), or use sdpa")
 
 
-def _load_llm(path: str, attn: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+def _load_llm(path: str, attn: str, dtype: torch.dtype, trust_remote_code: bool,
+              revision: str | None = None) -> nn.Module:
+    """The causal LM at ``path`` (local directory or hub id, at ``revision``); ConfigError when it cannot load."""
     from transformers import AutoModelForCausalLM
 
+    check_model(path, "model.llm_path", revision)  # one clear line for an id that is neither here nor on the hub
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
-                                                    trust_remote_code=trust_remote_code)
+                                                    trust_remote_code=trust_remote_code, revision=revision)
     except OSError as e:
-        raise ConfigError(f"model.llm_path: cannot load a causal LM from '{path}': {e}") from None
+        raise ConfigError(f"model.llm_path: cannot load a causal LM from '{path}': {first_line(e)}") from None
 
 
 def _pad_token_id(llm: nn.Module) -> int:

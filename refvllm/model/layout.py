@@ -14,6 +14,7 @@ from pathlib import Path
 
 from refvllm.config import Config
 from refvllm.errors import ConfigError
+from refvllm.hub import config_revision, resolve_file
 
 
 @dataclass(frozen=True)
@@ -60,40 +61,48 @@ class TokenLayout:
         return min(self.region_max_tokens, num_mask_frames)
 
 
-def _vision_config_dict(vision_path: str) -> dict:
-    path = Path(vision_path) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"model.vision_path: no config.json in '{vision_path}'")
-    data = json.loads(path.read_text())
+def _vision_config_dict(vision_path: str, revision: str | None = None) -> dict:
+    """The vision tower's config (``config.json`` of a local directory or hub id, see :mod:`refvllm.hub`)."""
+    data = json.loads(Path(resolve_file(vision_path, "config.json", "model.vision_path", revision)).read_text())
     # A full SigLIP/CLIP checkpoint nests the vision tower's config.
     return data.get("vision_config", data)
 
 
 def load_visual_spec(cfg: Config) -> VisualSpec:
-    """Read image size, patch size and normalisation of ``cfg.model.vision_path`` (a local directory).
+    """Read image size, patch size and normalisation of ``cfg.model.vision_path`` (a local directory or a hub id,
+    resolved like transformers does: hub cache, ``HF_HUB_OFFLINE``, revision).
 
     Normalisation comes from ``model.image_mean/std`` when set, else from the checkpoint's
     ``preprocessor_config.json``; a checkpoint without one and no config values is an error, not a guess.
     """
-    vcfg = _vision_config_dict(cfg.model.vision_path)
+    path, revision = cfg.model.vision_path, config_revision(cfg, "vision")
+    vcfg = _vision_config_dict(path, revision)
     if "image_size" not in vcfg and "num_patches" in vcfg:
         # SigLIP2 NaFlex has no fixed size: feed it the square grid its position embeddings were trained on.
         vcfg = {**vcfg, "image_size": math.isqrt(int(vcfg["num_patches"])) * int(vcfg.get("patch_size", 0))}
     try:
         image_size, patch_size = int(vcfg["image_size"]), int(vcfg["patch_size"])
     except KeyError as e:
-        raise ConfigError(f"model.vision_path: config.json of '{cfg.model.vision_path}' has no {e}") from None
+        raise ConfigError(f"model.vision_path: config.json of '{path}' has no {e}") from None
     if cfg.model.image_mean is not None:
         mean, std = cfg.model.image_mean, cfg.model.image_std
     else:
-        pre = Path(cfg.model.vision_path) / "preprocessor_config.json"
-        if not pre.is_file():
-            raise ConfigError(
-                f"model.vision_path: '{pre}' is missing; set model.image_mean and model.image_std in the config"
-            )
-        data = json.loads(pre.read_text())
-        mean, std = data["image_mean"], data["image_std"]
+        mean, std = _normalisation(path, revision)
     return VisualSpec(image_size, patch_size, tuple(mean), tuple(std))
+
+
+def _normalisation(vision_path: str, revision: str | None) -> tuple[list[float], list[float]]:
+    """``image_mean``/``image_std`` of the checkpoint's ``preprocessor_config.json``."""
+    pre = resolve_file(vision_path, "preprocessor_config.json", "model.vision_path", revision, required=False)
+    if pre is None:
+        raise ConfigError(f"model.vision_path: '{vision_path}' has no preprocessor_config.json; set "
+                          "model.image_mean and model.image_std in the config")
+    data = json.loads(Path(pre).read_text())
+    try:
+        return data["image_mean"], data["image_std"]
+    except KeyError as e:
+        raise ConfigError(f"model.vision_path: preprocessor_config.json of '{vision_path}' has no {e}; set "
+                          "model.image_mean and model.image_std in the config") from None
 
 
 def make_token_layout(cfg: Config, spec: VisualSpec) -> TokenLayout:

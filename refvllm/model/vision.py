@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refvllm.errors import ConfigError
+from refvllm.hub import check_model, first_line
 from refvllm.model.layout import TokenLayout
 
 # config model_type -> (transformers class name, number of prefix tokens (CLS) before the patch tokens)
@@ -54,17 +55,26 @@ class VisionTower(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, feature_layer: int = -1, attn_implementation: str = "sdpa",
-                        dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> VisionTower:
-        """Load the vision encoder at ``path`` (local directory or hub id); a full SigLIP/CLIP checkpoint loads
-        only its vision tower. The class is chosen by the config's ``model_type``."""
+                        dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                        revision: str | None = None) -> VisionTower:
+        """Load the vision encoder at ``path`` (local directory or hub id, at ``revision``; resolved by
+        transformers: hub cache, ``HF_HUB_OFFLINE``); a full SigLIP/CLIP checkpoint loads only its vision tower.
+        The class is chosen by the config's ``model_type``. ConfigError (naming model.vision_path) when it
+        cannot load."""
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if config.model_type not in _VISION_CLASSES:
-            raise ConfigError(f"model.vision_path '{path}': {_unsupported(config.model_type)}")
-        model_cls = getattr(transformers, _VISION_CLASSES[config.model_type][0])
-        model = model_cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                          trust_remote_code=trust_remote_code)
+        check_model(path, "model.vision_path", revision)
+        try:
+            config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                             revision=revision)
+            if config.model_type not in _VISION_CLASSES:
+                raise ConfigError(f"model.vision_path '{path}': {_unsupported(config.model_type)}")
+            model_cls = getattr(transformers, _VISION_CLASSES[config.model_type][0])
+            model = model_cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                              trust_remote_code=trust_remote_code, revision=revision)
+        except OSError as e:  # e.g. a cached config.json whose weights were never downloaded, offline
+            message = f"model.vision_path: cannot load a vision encoder from '{path}': {first_line(e)}"
+            raise ConfigError(message) from None
         return cls(model, feature_layer)
 
     @property
