@@ -26,7 +26,7 @@ def run(tmp_path_factory):
     checkpoint, assets = train_tiny_checkpoint(tmp_path_factory.getbasetemp())
     bench_q, bench_d = write_bench_files(root)
     return {"root": root, "checkpoint": checkpoint, "data_root": assets["data.data_root"],
-            "eval_file": assets["data.eval_file"], "bench_q": bench_q, "bench_d": bench_d}
+            "eval_file": assets["eval_file"], "bench_q": bench_q, "bench_d": bench_d}
 
 
 def _eval(capsys, *args):

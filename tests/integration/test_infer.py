@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # a module fixture trains a tiny model (~5 s)
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("inferrun")
     checkpoint, assets = train_tiny_checkpoint(tmp_path_factory.getbasetemp())
-    samples = json.loads(Path(assets["data.eval_file"]).read_text())
+    samples = json.loads(Path(assets["eval_file"]).read_text())
     video = next(s for s in samples if "video" in s and len(s.get("annotation", [])) == 1)
     return {"root": root, "checkpoint": checkpoint, "data_root": Path(assets["data.data_root"]), "sample": video,
             "engine": RefInference.from_pretrained(checkpoint, ["eval.max_new_tokens=6"])}

@@ -15,7 +15,8 @@ TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
 
 
 def make_assets(root: Path, num_train: int = 32) -> dict[str, str]:
-    """Synthetic data and tiny checkpoints under ``root``; returns the config overrides that point at them."""
+    """Synthetic data and tiny checkpoints under ``root``; returns the config overrides that point at them, and
+    ``eval_file`` (not a config key: the eval split's path, for ``refvllm eval --data``)."""
     from refvllm.data.synthetic import generate
     from refvllm.model.tiny import write_tiny_checkpoints
 
@@ -23,7 +24,7 @@ def make_assets(root: Path, num_train: int = 32) -> dict[str, str]:
     paths = write_tiny_checkpoints(root / "tiny", seed=0)
     return {
         "data.train_file": str(files.train_file),
-        "data.eval_file": str(files.eval_file),
+        "eval_file": str(files.eval_file),
         "data.data_root": str(root / "data"),
         "data.index_cache_dir": str(root / "index-cache"),
         "data.synth.enabled": "false",
@@ -35,8 +36,9 @@ def make_assets(root: Path, num_train: int = 32) -> dict[str, str]:
 
 def overrides(assets: dict[str, str], output_dir: Path, **extra) -> list[str]:
     """``key=value`` arguments: the demo config shrunk to a few fast steps on the tiny assets."""
-    values = {**assets, "model.train_llm": "lora", "data.num_frames": 4, "data.num_workers": 0,
-              "train.micro_batch_size": 2, "train.grad_accum": 2, "train.max_steps": 6, "train.save_steps": 3,
+    values = {**{k: v for k, v in assets.items() if "." in k}, "model.train_llm": "lora", "data.num_frames": 4,
+              "data.num_workers": 0, "train.micro_batch_size": 2, "train.grad_accum": 2, "train.max_steps": 6,
+              "train.save_steps": 3,
               "train.save_total_limit": 0, "train.warmup_steps": 2, "train.output_dir": str(output_dir),
               "train.tensorboard": "false", "train.resume": "auto"}
     values.update({k.replace("__", "."): v for k, v in extra.items()})
