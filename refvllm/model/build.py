@@ -3,6 +3,7 @@ module's trainability (frozen | lora | full), and save/load the weights that are
 
 Contract:
     model = build_model(cfg)                         # prints the trainable-parameter table unless told not to
+    model = build_model(cfg, float32_masters=True)   # training: every trainable parameter in float32
     groups = parameter_groups(model)                 # {"llm": [...], "vision": [...], "projector": .., "region": ..}
     counts = parameter_counts(model)                 # {"llm": {"trainable": n, "total": m}, ...}
     save_extra_trainables(model, dir) / load_extra_trainables(model, dir)     # dir/extra_trainables.safetensors
@@ -35,8 +36,11 @@ EXTRA_FILE = "extra_trainables.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def build_model(cfg: Config, print_table: bool = True) -> RefVLM:
-    """The model described by ``cfg.model``; tiny checkpoints are written first when ``model.tiny`` asks."""
+def build_model(cfg: Config, print_table: bool = True, float32_masters: bool = False) -> RefVLM:
+    """The model described by ``cfg.model``; tiny checkpoints are written first when ``model.tiny`` asks.
+
+    ``float32_masters`` (training): see :func:`use_float32_masters`. Inference and export keep ``model.dtype``.
+    """
     m = cfg.model
     ensure_tiny_checkpoints(cfg)
     check_attn_implementation(m.attn_implementation)
@@ -58,6 +62,8 @@ def build_model(cfg: Config, print_table: bool = True) -> RefVLM:
     projector.requires_grad_(m.train_projector == "full")
     region.requires_grad_(m.train_region == "full")
     model = RefVLM(vision, projector, region, llm, layout, _pad_token_id(llm), m.region.dropout)
+    if float32_masters:
+        use_float32_masters(model)
     if print_table:
         print(format_parameter_table(parameter_counts(model)))
     return model
@@ -159,22 +165,48 @@ def _named_params(model: RefVLM, module: str) -> list[tuple[str, nn.Parameter]]:
     return [(f"{module}.{name}", p) for name, p in getattr(model, module).named_parameters()]
 
 
-def parameter_counts(model: RefVLM) -> dict[str, dict[str, int]]:
-    """{module: {"trainable": n, "total": m}} for vision, projector, region, llm."""
+def use_float32_masters(model: RefVLM) -> None:
+    """Every trainable parameter in float32; frozen ones keep ``model.dtype``.
+
+    An optimizer step on bfloat16 weights rounds away every update smaller than about 1/256 of the weight (an
+    8-bit mantissa), so small learning rates train nothing; DeepSpeed and FSDP keep float32 masters for the same
+    reason. The compute stays in bfloat16 through ``train.mixed_precision=bf16`` (autocast), as configs/sft.yaml
+    sets. PEFT already makes LoRA weights float32 on a half-precision base; this covers fully trained towers and
+    LLMs and LoRA injected into the vision tower.
+    """
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def parameter_counts(model: RefVLM) -> dict[str, dict]:
+    """{module: {"trainable": n, "total": m, "dtypes": "float32" or "float32 trainable, bfloat16 frozen"}} for
+    vision, projector, region, llm."""
     counts = {}
     for module in MODULES:
         params = [p for _, p in _named_params(model, module)]
         counts[module] = {"trainable": sum(p.numel() for p in params if p.requires_grad),
-                          "total": sum(p.numel() for p in params)}
+                          "total": sum(p.numel() for p in params), "dtypes": _dtypes(params)}
     return counts
 
 
-def format_parameter_table(counts: dict[str, dict[str, int]]) -> str:
-    """A small text table of :func:`parameter_counts`."""
-    rows = [f"{'module':<10} {'trainable':>14} {'total':>14} {'%':>7}"]
-    for name, c in [*counts.items(), ("all", {k: sum(v[k] for v in counts.values()) for k in ("trainable", "total")})]:
+def _dtypes(params: list[nn.Parameter]) -> str:
+    names = {flag: sorted({str(p.dtype).removeprefix("torch.") for p in params if p.requires_grad == flag})
+             for flag in (True, False)}
+    if names[True] == names[False] or not names[False]:
+        return "/".join(names[True] or names[False])
+    if not names[True]:
+        return "/".join(names[False])
+    return f"{'/'.join(names[True])} trainable, {'/'.join(names[False])} frozen"
+
+
+def format_parameter_table(counts: dict[str, dict]) -> str:
+    """A small text table of :func:`parameter_counts`, with each module's parameter dtypes."""
+    rows = [f"{'module':<10} {'trainable':>14} {'total':>14} {'%':>7}  dtype"]
+    total = {k: sum(v[k] for v in counts.values()) for k in ("trainable", "total")}
+    for name, c in [*counts.items(), ("all", {**total, "dtypes": ""})]:
         pct = 100.0 * c["trainable"] / c["total"] if c["total"] else 0.0
-        rows.append(f"{name:<10} {c['trainable']:>14,} {c['total']:>14,} {pct:>6.2f}%")
+        rows.append(f"{name:<10} {c['trainable']:>14,} {c['total']:>14,} {pct:>6.2f}%  {c['dtypes']}".rstrip())
     return "\n".join(rows)
 
 

@@ -145,7 +145,7 @@ def setup(cfg: Config) -> Run:
         print(f"warning: starting a fresh run in {cfg.train.output_dir}, which holds checkpoints of an earlier run "
               "(they may be replaced or rotated away); use train.resume=auto to continue it", flush=True)
     set_seed(cfg.train.seed)  # the same initial weights on every process
-    raw = build_model(cfg, print_table=main)
+    raw = build_model(cfg, print_table=main, float32_masters=True)
     optimizer = build_optimizer(parameter_groups(raw), cfg)
     scheduler = build_scheduler(optimizer, cfg)
     processor, _, sampler, loader, bad = build_data(cfg, accelerator, torch.Generator().manual_seed(cfg.train.seed))

@@ -490,3 +490,41 @@ def test_loss_at_label_positions_equals_the_full_computation(ckpt, targets):
         torch.testing.assert_close(lean_grads[name], g, atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match="logits_at"):
         model(batch, logits_at="some")
+
+
+def test_float32_masters_keep_small_updates_that_bf16_weights_round_away(ckpt):
+    """model.dtype=bfloat16 with fully trained modules: training builds every trainable parameter in float32
+    (frozen ones stay bf16) and computes under bf16 autocast; an update of 1e-4 of a weight survives the step,
+    where on bf16 weights (8-bit mantissa) it is rounded away."""
+    from refvllm.model.build import build_model
+
+    def updated_fraction(masters: bool) -> tuple[float, object]:
+        cfg = load_config(None, [f"model.vision_path={ckpt['siglip']}", f"model.llm_path={ckpt['qwen2']}",
+                                 "model.dtype=bfloat16", "model.train_llm=full", "model.train_vision=full",
+                                 "model.region.max_tokens=2"])
+        torch.manual_seed(0)
+        model = build_model(cfg, print_table=False, float32_masters=masters).train()
+        weight = model.llm.get_output_embeddings().weight
+        before = weight.detach().float().clone()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(collate(three_samples(model.layout))).loss
+        loss.backward()
+        with torch.no_grad():  # a step of exactly 1e-4 x |w| in the gradient's direction, for every weight
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(torch.sign(p.grad.float()) * 1e-4 * p.detach().float().abs())
+        optimizer.step()
+        changed = (weight.detach().float() != before) & (before != 0) & (weight.grad.float() != 0)
+        moved = (weight.grad.float() != 0) & (before != 0)
+        return float(changed.sum() / moved.sum()), model
+
+    fraction, model = updated_fraction(masters=True)
+    counts = parameter_counts(model)
+    assert counts["llm"]["dtypes"] == "float32" and counts["vision"]["dtypes"] == "float32"
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert fraction > 0.99
+    fraction_bf16, plain = updated_fraction(masters=False)
+    assert parameter_counts(plain)["llm"]["dtypes"] == "bfloat16" and fraction_bf16 < 0.05
+    frozen = make_model(ckpt, "siglip", "qwen2", "model.dtype=bfloat16")  # LoRA: adapters fp32, base bf16
+    assert parameter_counts(frozen)["llm"]["dtypes"] == "float32 trainable, bfloat16 frozen"
