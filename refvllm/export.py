@@ -1,9 +1,7 @@
-"""Export a training checkpoint, and load a checkpoint or an export for inference.
+"""Export a training checkpoint (loading one, or an export, for inference: refvllm/checkpoint.py).
 
     refvllm export --checkpoint DIR --out OUT [--merge] [--overwrite]
     python scripts/export.py ...                                      (the same)
-
-    cfg, model, processor = load_for_inference(path, overrides=None)  # a checkpoint-STEP dir or an export dir
 
 The export directory (docs/export.md) needs nothing but the two base checkpoints the config names:
 
@@ -27,50 +25,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from refvllm.config import Config, dump_yaml, load_config
+from refvllm.checkpoint import (
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    EXPORT_MANIFEST,
+    EXTRA_FILE,
+    MERGED_DIR,
+    TOKENIZER_DIR,
+    check_loadable,
+    load_config_of,
+    load_for_inference,
+)
+from refvllm.config import Config, dump_yaml
 from refvllm.errors import ConfigError
-from refvllm.train.checkpoint import ADAPTER_DIR, CONFIG_FILE, is_complete, load_trained_weights
-
-EXPORT_MANIFEST = "export.json"
-TOKENIZER_DIR = "tokenizer"
-MERGED_DIR = "merged_llm"
-
-
-# --------------------------------------------------------------------------------------------- loading
-
-
-def is_export_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / EXPORT_MANIFEST).is_file()
-
-
-def _check_loadable(path: Path) -> None:
-    if not path.is_dir():
-        raise ConfigError(f"'{path}' is not a directory (expected a checkpoint-STEP or an export directory)")
-    if not (is_export_dir(path) or is_complete(path)):
-        raise ConfigError(f"'{path}' is neither a complete training checkpoint nor an export directory")
-    if not (path / CONFIG_FILE).is_file():
-        raise ConfigError(f"'{path}' has no {CONFIG_FILE}")
-
-
-def load_config_of(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
-    """The resolved config saved in a checkpoint or export directory, with ``key=value`` overrides."""
-    path = Path(path)
-    _check_loadable(path)
-    return load_config(path / CONFIG_FILE, overrides)
-
-
-def load_for_inference(path: str | os.PathLike, overrides: list[str] | None = None):
-    """``(cfg, model, processor)`` of a training checkpoint or an export directory; the model is in eval mode on
-    the CPU with every trained weight loaded (base checkpoints from the config's ``model.*_path``)."""
-    from refvllm.data.processor import Processor
-    from refvllm.model.build import build_model
-
-    cfg = load_config_of(path, overrides)
-    model = build_model(cfg, print_table=False)
-    load_trained_weights(model, path)
-    model.eval()
-    return cfg, model, Processor.from_config(cfg)
-
 
 # --------------------------------------------------------------------------------------------- export
 
@@ -128,8 +95,6 @@ def _write_tokenizer(cfg: Config, out: Path) -> str:
 def _write_export(checkpoint: Path, out: Path, merge: bool) -> dict:
     """Write every file of the export into ``out`` (a fresh directory); returns the manifest. The trained
     weights are copied byte for byte from the checkpoint."""
-    from refvllm.model.build import EXTRA_FILE
-
     cfg = export_config(load_config_of(checkpoint))
     (out / CONFIG_FILE).write_text(dump_yaml(cfg))
     shutil.copy2(checkpoint / EXTRA_FILE, out / EXTRA_FILE)
@@ -143,7 +108,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, merge: bool = 
            overwrite: bool = False) -> dict:
     """Export ``checkpoint`` to ``out`` atomically; returns the manifest with absolute paths of ``out``."""
     checkpoint, out = Path(checkpoint), Path(out).resolve()
-    _check_loadable(checkpoint)
+    check_loadable(checkpoint)
     if out.exists() and not overwrite:
         raise ConfigError(f"export directory '{out}' exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)

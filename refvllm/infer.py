@@ -130,22 +130,6 @@ def query_sample(query: Query, index: int = 0) -> tuple[Sample, Path]:
     return sample, path.resolve().parent
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """``path`` itself when it is a checkpoint or an export directory; for a training output directory (one
-    that holds ``checkpoint-STEP`` folders but is neither) its newest complete checkpoint, named on stderr."""
-    from refvllm.export import is_export_dir
-    from refvllm.train.checkpoint import is_complete, latest_checkpoint
-
-    path = Path(path)
-    if is_export_dir(path) or is_complete(path):
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        return path  # the loader says what is wrong with it
-    print(f"using the newest checkpoint of {path}: {latest}", file=sys.stderr)
-    return latest
-
-
 def prepare_prompt(processor, sample: Sample, data_root: str | Path) -> dict:
     """Decode ``sample`` as training did (the processor's frame count and mask resizing) and encode its prompt
     (up to the last user turn). Returns :meth:`Processor.encode_prompt`'s dict; DataError naming the sample."""
@@ -159,7 +143,7 @@ def prepare_prompt(processor, sample: Sample, data_root: str | Path) -> dict:
 class RefInference:
     """Batched generation with a loaded model: the one implementation used by ``refvllm infer`` and ``eval``.
 
-    ``cfg``, ``model`` and ``processor`` are what :func:`refvllm.export.load_for_inference` returns. The model
+    ``cfg``, ``model`` and ``processor`` are what :func:`refvllm.checkpoint.load_for_inference` returns. The model
     is moved to ``device`` (default: CUDA when available) and put in eval mode.
     """
 
@@ -176,7 +160,7 @@ class RefInference:
         """Load a training checkpoint (``checkpoint-STEP``), an export directory, or a training output
         directory (its newest complete checkpoint, see :func:`resolve_model_dir`); ``overrides`` are
         ``key=value`` config overrides (e.g. ``eval.max_new_tokens=64``)."""
-        from refvllm.export import load_for_inference
+        from refvllm.checkpoint import load_for_inference, resolve_model_dir
 
         cfg, model, processor = load_for_inference(resolve_model_dir(path), overrides)
         return cls(cfg, model, processor, device)

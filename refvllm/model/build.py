@@ -6,9 +6,9 @@ Contract:
     model = build_model(cfg, float32_masters=True)   # training: every trainable parameter in float32
     groups = parameter_groups(model)                 # {"llm": [...], "vision": [...], "projector": .., "region": ..}
     counts = parameter_counts(model)                 # {"llm": {"trainable": n, "total": m}, ...}
-    save_extra_trainables(model, dir) / load_extra_trainables(model, dir)     # dir/extra_trainables.safetensors
-    model.llm.save_pretrained(dir)                   # the LLM LoRA adapter (plain PEFT layout) when train_llm=lora
-    load_llm_adapter(model, dir)                     # load such an adapter back into a built model
+
+Saving and loading what training changes (adapter, extra trainables) is the checkpoint format's:
+refvllm/checkpoint.py.
 
 Module names are fixed: ``vision``, ``projector``, ``region``, ``llm`` (attributes of RefVLM).
 """
@@ -16,9 +16,7 @@ Module names are fixed: ``vision``, ``projector``, ``region``, ``llm`` (attribut
 from __future__ import annotations
 
 import importlib.util
-import json
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,7 +30,6 @@ from refvllm.model.region import RegionEncoder
 from refvllm.model.vision import Projector, VisionTower
 
 MODULES = ("vision", "projector", "region", "llm")
-EXTRA_FILE = "extra_trainables.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -215,74 +212,3 @@ def parameter_groups(model: RefVLM) -> dict[str, list[nn.Parameter]]:
     A module with nothing trainable maps to an empty list."""
     return {module: [p for _, p in _named_params(model, module) if p.requires_grad]
             for module in ("llm", "vision", "projector", "region")}
-
-
-# ------------------------------------------------------------------------------- weights outside HF checkpoints
-def extra_trainable_names(model: RefVLM) -> list[str]:
-    """The parameters a checkpoint must hold besides the HF base checkpoints and the LLM's PEFT adapter:
-    all of projector and region encoder (trained or not: they start random), the trainable vision
-    parameters (full or LoRA), and the trainable LLM parameters unless the LLM is a PEFT model."""
-    from peft import PeftModel
-
-    names = [n for module in ("projector", "region") for n, _ in _named_params(model, module)]
-    names += [n for n, p in _named_params(model, "vision") if p.requires_grad]
-    if not isinstance(model.llm, PeftModel):
-        names += [n for n, p in _named_params(model, "llm") if p.requires_grad]
-    return names
-
-
-def save_extra_trainables(model: RefVLM, directory: str | Path) -> Path:
-    """Write :func:`extra_trainable_names` to ``directory/extra_trainables.safetensors``; returns the file."""
-    from safetensors.torch import save_file
-
-    params = dict(model.named_parameters())
-    tensors = {n: params[n].detach().contiguous().cpu() for n in extra_trainable_names(model)}
-    path = Path(directory) / EXTRA_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", "names": json.dumps(sorted(tensors))})
-    return path
-
-
-def load_extra_trainables(model: RefVLM, directory: str | Path) -> None:
-    """Load ``directory/extra_trainables.safetensors`` into ``model``; the file must hold exactly the expected
-    parameters with the expected shapes (ConfigError listing what differs; nothing is loaded then)."""
-    from safetensors.torch import load_file
-
-    path = Path(directory) / EXTRA_FILE
-    if not path.is_file():
-        raise ConfigError(f"'{path}' does not exist")
-    tensors = load_file(str(path))
-    params = dict(model.named_parameters())
-    expected = set(extra_trainable_names(model))
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    wrong = sorted(n for n in expected & set(tensors) if tensors[n].shape != params[n].shape)
-    if missing or unexpected or wrong:
-        raise ConfigError(f"'{path}' does not match the model (is the config the one it was trained with?): "
-                          f"missing {_few(missing)}, unexpected {_few(unexpected)}, wrong shape {_few(wrong)}")
-    with torch.no_grad():
-        for name in expected:
-            params[name].copy_(tensors[name])
-
-
-def load_llm_adapter(model: RefVLM, directory: str | Path) -> None:
-    """Load a PEFT adapter saved by ``model.llm.save_pretrained`` into the (LoRA-wrapped) LLM of ``model``.
-    Every LoRA weight of the model must be in the file and nothing else (ConfigError otherwise)."""
-    from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
-
-    if not isinstance(model.llm, PeftModel):
-        raise ConfigError("load_llm_adapter: the model's LLM has no LoRA adapter (model.train_llm is not 'lora')")
-    weights = load_peft_weights(str(directory), device="cpu")
-    expected = set(get_peft_model_state_dict(model.llm))
-    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or unexpected:
-        raise ConfigError(f"adapter '{directory}' does not match the model: missing {_few(missing)}, "
-                          f"unexpected {_few(unexpected)}")
-    set_peft_model_state_dict(model.llm, weights)
-
-
-def _few(names: list[str], n: int = 5) -> str:
-    if not names:
-        return "none"
-    more = f" (+{len(names) - n} more)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more

@@ -1,4 +1,6 @@
-"""Self-describing, atomic training checkpoints, and finding the one to resume from.
+"""The trainer's side of checkpoints: its state, RNG, optimizer and scheduler files, atomic writing, rotation,
+and finding the one to resume from. The format itself (layout, trained weights, loading for inference) is
+refvllm/checkpoint.py, which export, inference and evaluation use without importing the trainer.
 
 Layout of ``OUTPUT_DIR/checkpoint-STEP/`` (see docs/training.md):
 
@@ -22,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,17 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from refvllm.checkpoint import (
+    COMPLETE_MARKER,
+    is_complete,
+    latest_checkpoint,
+    list_checkpoints,
+)
 from refvllm.errors import ConfigError
 
-CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
-COMPLETE_MARKER = "COMPLETE"
-CONFIG_FILE = "config.yaml"
-ADAPTER_DIR = "adapter"
-OPTIMIZER_FILE = "optimizer.pt"
-SCHEDULER_FILE = "scheduler.pt"
-TRAINER_STATE_FILE = "trainer_state.json"
-_CKPT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
 @dataclass
@@ -74,35 +73,6 @@ class TrainerState:
         data = json.loads(Path(path).read_text())
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
-    return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
-
-
-def is_complete(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a finished checkpoint (its COMPLETE marker and trainer state exist)."""
-    path = Path(path)
-    return (path / COMPLETE_MARKER).is_file() and (path / TRAINER_STATE_FILE).is_file()
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints in ``output_dir`` as ``(step, path)``, oldest first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _CKPT_RE.match(child.name)
-        if match and child.is_dir() and is_complete(child):
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint, or None."""
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
 
 
 def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
@@ -172,17 +142,6 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-
-
-def load_trained_weights(model, path: str | os.PathLike) -> None:
-    """Load the LoRA adapter (when ``path/adapter`` exists) and ``extra_trainables.safetensors`` of a checkpoint
-    or export directory into a built RefVLM (both must match the model exactly; ConfigError otherwise)."""
-    from refvllm.model.build import load_extra_trainables, load_llm_adapter
-
-    path = Path(path)
-    if (path / ADAPTER_DIR).is_dir():
-        load_llm_adapter(model, path / ADAPTER_DIR)
-    load_extra_trainables(model, path)
 
 
 # ---------------------------------------------------------------------------------------------------- RNG

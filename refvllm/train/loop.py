@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from refvllm import checkpoint as fmt
 from refvllm.config import Config, dump_yaml, load_config
 from refvllm.errors import ConfigError
 from refvllm.train import checkpoint as ckpt
@@ -141,7 +142,7 @@ def setup(cfg: Config) -> Run:
             print(f"removed incomplete checkpoint directories: {', '.join(removed)}")
     prepare_assets(cfg, accelerator)
     resume_from = ckpt.resolve_resume(cfg.train.resume, cfg.train.output_dir)
-    if main and resume_from is None and ckpt.list_checkpoints(cfg.train.output_dir):
+    if main and resume_from is None and fmt.list_checkpoints(cfg.train.output_dir):
         print(f"warning: starting a fresh run in {cfg.train.output_dir}, which holds checkpoints of an earlier run "
               "(they may be replaced or rotated away); use train.resume=auto to continue it", flush=True)
     set_seed(cfg.train.seed)  # the same initial weights on every process
@@ -164,7 +165,7 @@ def setup(cfg: Config) -> Run:
     set_seed(cfg.train.seed + accelerator.process_index)  # each process its own dropout stream
     run.metrics = MetricsWriter(cfg.train.output_dir, main, cfg.train.tensorboard, run.state.step)
     if main:
-        (Path(cfg.train.output_dir) / ckpt.CONFIG_FILE).write_text(dump_yaml(cfg))
+        (Path(cfg.train.output_dir) / fmt.CONFIG_FILE).write_text(dump_yaml(cfg))
     return run
 
 
@@ -174,12 +175,12 @@ def setup(cfg: Config) -> Run:
 def load_checkpoint_state(run: Run, path: Path) -> None:
     """Restore weights, optimizer, scheduler, data position and counters from checkpoint ``path`` (before
     ``accelerator.prepare``). The RNG states are restored later, when the loop starts (:func:`fit`)."""
-    state = ckpt.TrainerState.load(path / ckpt.TRAINER_STATE_FILE)
+    state = ckpt.TrainerState.load(path / fmt.TRAINER_STATE_FILE)
     _check_resumable(run, state, path)
-    ckpt.load_trained_weights(run.raw, path)
+    fmt.load_trained_weights(run.raw, path)
     if not is_deepspeed(run.accelerator):
-        run.optimizer.load_state_dict(ckpt.load_torch_state(path / ckpt.OPTIMIZER_FILE))
-    run.scheduler.load_state_dict(ckpt.load_torch_state(path / ckpt.SCHEDULER_FILE))
+        run.optimizer.load_state_dict(ckpt.load_torch_state(path / fmt.OPTIMIZER_FILE))
+    run.scheduler.load_state_dict(ckpt.load_torch_state(path / fmt.SCHEDULER_FILE))
     run.sampler.load_state_dict(state.sampler)
     run.bad.load_state_dict({"count": state.num_skipped})
     run.state = state
@@ -343,7 +344,7 @@ def save(run: Run) -> Path:
     if acc.is_main_process:
         _save_main_files(run, tmp)
     acc.wait_for_everyone()
-    final = ckpt.checkpoint_dir(cfg.train.output_dir, step)
+    final = fmt.checkpoint_dir(cfg.train.output_dir, step)
     if acc.is_main_process:
         ckpt.finalize_checkpoint(tmp, final)
         ckpt.rotate_checkpoints(cfg.train.output_dir, cfg.train.save_total_limit)
@@ -353,34 +354,21 @@ def save(run: Run) -> Path:
 
 
 def save_weights(run: Run, directory: Path) -> None:
-    """The LoRA adapter (PEFT layout, ``adapter/``) and every other trainable weight (safetensors). Collective
-    under ZeRO-3 (weights are gathered); only the main process writes."""
-    from peft import PeftModel
-
-    from refvllm.model.build import save_extra_trainables
-
+    """The LoRA adapter and every other trainable weight (:func:`refvllm.checkpoint.save_trained_weights`).
+    Collective under ZeRO-3 (weights are gathered); only the main process writes."""
     raw = run.raw
-    with gathered(run.accelerator, [p for p in raw.parameters() if p.requires_grad] + _extra_params(raw)):
+    with gathered(run.accelerator, [p for p in raw.parameters() if p.requires_grad] + fmt.extra_trainable_params(raw)):
         if run.accelerator.is_main_process:
-            if isinstance(raw.llm, PeftModel):
-                raw.llm.save_pretrained(str(directory / ckpt.ADAPTER_DIR))
-            save_extra_trainables(raw, directory)
-
-
-def _extra_params(raw) -> list:
-    from refvllm.model.build import extra_trainable_names
-
-    params = dict(raw.named_parameters())
-    return [params[n] for n in extra_trainable_names(raw)]
+            fmt.save_trained_weights(raw, directory)
 
 
 def _save_main_files(run: Run, directory: Path) -> None:
-    (directory / ckpt.CONFIG_FILE).write_text(dump_yaml(run.cfg))
+    (directory / fmt.CONFIG_FILE).write_text(dump_yaml(run.cfg))
     if not is_deepspeed(run.accelerator):
-        ckpt.save_torch_state(run.optimizer.state_dict(), directory / ckpt.OPTIMIZER_FILE)
-    ckpt.save_torch_state(run.scheduler.state_dict(), directory / ckpt.SCHEDULER_FILE)
+        ckpt.save_torch_state(run.optimizer.state_dict(), directory / fmt.OPTIMIZER_FILE)
+    ckpt.save_torch_state(run.scheduler.state_dict(), directory / fmt.SCHEDULER_FILE)
     run.state.sampler = run.sampler.state_dict(consumed=run.consumed)
-    run.state.save(directory / ckpt.TRAINER_STATE_FILE)
+    run.state.save(directory / fmt.TRAINER_STATE_FILE)
 
 
 def _test_kill_hook(step: int) -> None:

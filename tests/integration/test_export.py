@@ -7,9 +7,10 @@ import pytest
 import torch
 from train_helpers import check_ok, make_assets, overrides, run_training
 
+from refvllm.checkpoint import load_for_inference
 from refvllm.data.collate import collate
 from refvllm.errors import ConfigError
-from refvllm.export import export, load_for_inference, main
+from refvllm.export import export, main
 
 pytestmark = pytest.mark.slow
 

@@ -166,7 +166,7 @@ PLAIN_PEFT = """
 import json, sys, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-from refvllm.export import load_for_inference
+from refvllm.checkpoint import load_for_inference
 export = sys.argv[1]
 base_id = json.load(open(export + "/adapter/adapter_config.json"))["base_model_name_or_path"]
 ids = torch.tensor([[5, 17, 99, 300, 12]])

@@ -12,8 +12,8 @@ import pytest
 import torch
 from train_helpers import assert_bitwise_equal, check_ok, losses, make_assets, overrides, run_training, weight_tensors
 
+from refvllm.checkpoint import list_checkpoints
 from refvllm.data.dataset import ResumableSampler
-from refvllm.train.checkpoint import list_checkpoints
 from refvllm.train.loop import KILL_AFTER_SAVE_ENV
 
 pytestmark = pytest.mark.slow

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from refvllm import checkpoint as fmt
 from refvllm.config import load_config
 from refvllm.errors import ConfigError
 from refvllm.train import checkpoint as ckpt
@@ -19,9 +20,9 @@ from refvllm.train.schedule import build_optimizer, build_scheduler, lr_factor, 
 def _fake_checkpoint(root, step, complete=True):
     tmp = ckpt.tmp_checkpoint_dir(root, step)
     tmp.mkdir(parents=True)
-    ckpt.TrainerState(step=step).save(tmp / ckpt.TRAINER_STATE_FILE)
+    ckpt.TrainerState(step=step).save(tmp / fmt.TRAINER_STATE_FILE)
     if complete:
-        return ckpt.finalize_checkpoint(tmp, ckpt.checkpoint_dir(root, step))
+        return ckpt.finalize_checkpoint(tmp, fmt.checkpoint_dir(root, step))
     return tmp
 
 
@@ -31,12 +32,12 @@ def test_finalize_lists_and_rotates(tmp_path):
     # a crash while saving: a temporary dir, and a checkpoint-like dir without the marker
     _fake_checkpoint(tmp_path, 40, complete=False)
     (tmp_path / "checkpoint-50").mkdir()
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 10, 30]
-    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-30"
+    assert [s for s, _ in fmt.list_checkpoints(tmp_path)] == [2, 10, 30]
+    assert fmt.latest_checkpoint(tmp_path).name == "checkpoint-30"
     assert ckpt.remove_stale_tmp(tmp_path) == [".tmp-checkpoint-40"]
     removed = ckpt.rotate_checkpoints(tmp_path, keep=2)
     assert [p.name for p in removed] == ["checkpoint-2"]
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [10, 30]
+    assert [s for s, _ in fmt.list_checkpoints(tmp_path)] == [10, 30]
     assert ckpt.rotate_checkpoints(tmp_path, keep=0) == []
 
 
@@ -44,7 +45,7 @@ def test_finalize_replaces_same_step(tmp_path):
     first = _fake_checkpoint(tmp_path, 5)
     (first / "old.txt").write_text("old")
     second = _fake_checkpoint(tmp_path, 5)
-    assert second == first and not (second / "old.txt").exists() and ckpt.is_complete(second)
+    assert second == first and not (second / "old.txt").exists() and fmt.is_complete(second)
     assert not (tmp_path / "checkpoint-5.old").exists()
 
 
@@ -136,3 +137,15 @@ def test_metrics_writer_truncates_on_resume_and_plots(tmp_path):
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert MetricsWriter(tmp_path / "other", enabled=False, tensorboard=True).path.parent == tmp_path / "other"
     assert not (tmp_path / "other").exists()  # other processes write nothing
+
+
+def test_inference_export_and_eval_do_not_import_the_trainer():
+    """The checkpoint format has one home (refvllm/checkpoint.py): loading for inference, exporting and
+    evaluating never import refvllm.train."""
+    import subprocess
+    import sys
+
+    code = ("import sys, refvllm.checkpoint, refvllm.export, refvllm.infer, refvllm.eval.run; "
+            "bad = sorted(m for m in sys.modules if m.startswith('refvllm.train')); print(bad); sys.exit(bool(bad))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -8,19 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from refvllm.checkpoint import extra_trainable_names, load_extra_trainables, load_llm_adapter, save_extra_trainables
 from refvllm.config import load_config
 from refvllm.constants import IGNORE_INDEX, REGION_TOKEN_ID, VISUAL_TOKEN_ID
 from refvllm.errors import ConfigError, ModelInputError
-from refvllm.model.build import (
-    build_model,
-    extra_trainable_names,
-    format_parameter_table,
-    load_extra_trainables,
-    load_llm_adapter,
-    parameter_counts,
-    parameter_groups,
-    save_extra_trainables,
-)
+from refvllm.model.build import build_model, format_parameter_table, parameter_counts, parameter_groups
 from refvllm.model.layout import TokenLayout
 from refvllm.model.refvlm import count_label_tokens, left_padded
 from refvllm.model.tiny import write_tiny_llm, write_tiny_vision
