@@ -182,9 +182,15 @@ def parameter_counts(model: RefVLM) -> dict[str, dict]:
     counts = {}
     for module in MODULES:
         params = [p for _, p in _named_params(model, module)]
-        counts[module] = {"trainable": sum(p.numel() for p in params if p.requires_grad),
-                          "total": sum(p.numel() for p in params), "dtypes": _dtypes(params)}
+        counts[module] = {"trainable": sum(_numel(p) for p in params if p.requires_grad),
+                          "total": sum(_numel(p) for p in params), "dtypes": _dtypes(params)}
     return counts
+
+
+def _numel(p: nn.Parameter) -> int:
+    """Elements of ``p``; a parameter partitioned by ZeRO-3 (zero.Init) holds an empty tensor and its size in
+    ``ds_numel``."""
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def _dtypes(params: list[nn.Parameter]) -> str:

@@ -65,8 +65,10 @@ class RefVLM(nn.Module):
 
     # ----------------------------------------------------------------------------------------- features
     def _features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Visual tokens [N_V, D], region tokens [N_R, D] and a zero-valued scalar that touches every trainable
-        module that had no real input in this batch (so each gets a gradient: DDP/ZeRO-3 never wait)."""
+        """Visual tokens [N_V, D], region tokens [N_R, D] and a zero-valued scalar that touches every module that
+        had no real input in this batch, trainable or frozen: each trainable one gets a gradient (DDP waits for
+        every gradient), and every module runs on every rank (ZeRO-3 gathers even frozen parameters
+        collectively, so a module skipped on one rank would hang the others)."""
         pixels = batch["pixel_values"]
         dummy = pixels.new_zeros(())
         if pixels.shape[0] == 0:
@@ -80,10 +82,11 @@ class RefVLM(nn.Module):
         masks = batch["region_masks"]
         if masks.shape[0] == 0:
             region = feats.new_zeros(0, self._llm_width())
-            if _trains(self.region):  # a whole-frame mask on the first frame
-                full = torch.ones(1, pixels.shape[-1], pixels.shape[-1], dtype=torch.bool, device=pixels.device)
-                zero = torch.zeros(1, dtype=torch.long, device=feats.device)
-                dummy = dummy + self._zero(self.region(feats[:1], full, zero, zero, 1))
+            # A whole-frame mask on the first frame, frozen or not: under ZeRO-3 even frozen parameters are
+            # gathered collectively when a module runs, so a module that runs on one rank must run on all.
+            full = torch.ones(1, pixels.shape[-1], pixels.shape[-1], dtype=torch.bool, device=pixels.device)
+            zero = torch.zeros(1, dtype=torch.long, device=feats.device)
+            dummy = dummy + self._zero(self.region(feats[:1], full, zero, zero, 1))
         else:
             num_objects = int(batch["object_sample_index"].shape[0])
             region = self.region(feats, masks, batch["region_frame_index"], batch["region_object_index"],

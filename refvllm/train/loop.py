@@ -146,7 +146,8 @@ def setup(cfg: Config) -> Run:
         print(f"warning: starting a fresh run in {cfg.train.output_dir}, which holds checkpoints of an earlier run "
               "(they may be replaced or rotated away); use train.resume=auto to continue it", flush=True)
     set_seed(cfg.train.seed)  # the same initial weights on every process
-    raw = build_model(cfg, print_table=main, float32_masters=True)
+    # DeepSpeed keeps float32 masters of what it trains itself (and its parameters may be partitioned already).
+    raw = build_model(cfg, print_table=main, float32_masters=not is_deepspeed(accelerator))
     optimizer = build_optimizer(parameter_groups(raw), cfg)
     scheduler = build_scheduler(optimizer, cfg)
     processor, _, sampler, loader, bad = build_data(cfg, accelerator, torch.Generator().manual_seed(cfg.train.seed))

@@ -201,6 +201,21 @@ def test_every_trainable_param_gets_a_gradient_without_regions_or_frames(ckpt, c
         assert all(grads[n].abs().sum() == 0 for n, p in model.named_parameters() if n.startswith("region."))
 
 
+@pytest.mark.parametrize("case", ["no_masks", "no_frames"])
+def test_every_module_runs_on_every_batch_even_frozen(ckpt, case):
+    """ZeRO-3 gathers frozen parameters collectively when a module runs: a frozen region encoder or projector
+    skipped on a rank whose batch has no masks (or no frames) would hang the ranks that run it."""
+    model = make_model(ckpt, "siglip", "qwen2", "model.train_region=frozen", "model.train_projector=frozen")
+    layout = model.layout
+    samples = ([make_sample(layout, 2, [], 4, seed=5)] if case == "no_masks" else [make_sample(layout, 0, [], 4,
+                                                                                               seed=5)])
+    calls = {name: 0 for name in ("vision", "projector", "region")}
+    for name in calls:
+        getattr(model, name).register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+    model(collate(samples))
+    assert all(n >= 1 for n in calls.values()), calls
+
+
 # ---------------------------------------------------------------------------------------- backends, models
 def test_sdpa_and_eager_give_the_same_logits(ckpt):
     samples = three_samples(make_model(ckpt).layout)
