@@ -22,6 +22,7 @@ COMMANDS = {
     "eval": ("refvllm.eval.run", "evaluate a checkpoint or export on a data file"),
     "infer": ("refvllm.infer", "ask a question about objects in a video or image"),
     "region-check": ("refvllm.eval.claim", "check an eval against its --ablate-regions twin (region types)"),
+    "smoke": ("refvllm.smoke", "check a config's code paths on random real-shaped checkpoints (reduced depth)"),
 }
 
 

@@ -1,0 +1,383 @@
+"""``refvllm smoke``: check that a config's code paths run, on random real-shaped checkpoints at reduced depth.
+
+    refvllm smoke CONFIG [--out DIR] [--layers N] [--steps N] [--sample-tokens N] [--as-is]
+                         [--vision-shape NAME] [--llm-shape NAME] [--merge] [key=value ...]
+
+Stages, each printed as one PASS/FAIL line with its time (a failure stops the check; the stage's output is in
+``OUT/logs/STAGE.log``):
+
+    checkpoints  random checkpoints of the shapes the config's model paths name (:mod:`refvllm.model.shapes`;
+                 e.g. google/siglip-so400m-patch14-384 + Qwen/Qwen2.5-7B-Instruct for configs/sft.yaml), at
+                 ``--layers`` layers; with ``--as-is`` the config's own checkpoints are used instead
+    data         synthetic data (``refvllm synth``: 3 train, 2 eval samples with ``data.num_frames`` frames);
+                 the first training sample gets a long context, to ``--sample-tokens`` tokens (default: the
+                 longest sample ``data.max_length`` accepts, less a margin)
+    train        ``--steps`` optimizer steps (the trainer of ``refvllm train``), saving a checkpoint at the end
+    resume       one more step, resumed from that checkpoint
+    eval         ``refvllm eval`` of the last checkpoint on the 2 eval samples (4 new tokens each)
+    export       ``refvllm export`` of it (``--merge``: also the merged LLM)
+
+then the process's peak RSS (and peak CUDA memory on a GPU). It runs in one process (no ``accelerate launch``:
+DDP/DeepSpeed are not exercised), one sample per step (``train.micro_batch_size=1``, ``train.grad_accum=1``),
+everything else as the config says (dtype, LoRA, gradient checkpointing, attention, frame count, pooling).
+It is a check that the code paths run and a rough memory figure, not a benchmark or a quality check: the weights
+are random, the depth reduced. ``key=value`` arguments override the config; the keys the check sets itself
+(data files, model paths, output dir, steps, batch shape, resume) are set after them. Exit code 0 when every
+stage passed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import resource
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from refvllm.config import Config, load_config
+from refvllm.errors import ConfigError
+
+STAGES = ("checkpoints", "data", "train", "resume", "eval", "export")
+LENGTH_MARGIN = 32  # tokens below data.max_length for the default long sample: room for tokenisation slack
+# Words of the synthetic data: the tiny BPE of the shaped tokenizer holds each as one token, and a real one mostly.
+_CONTEXT = ("the red circle moves left while the blue square stays still near the bottom of the frame and the green "
+            "triangle goes up behind the yellow star")
+_CONTEXT_WORDS = tuple(_CONTEXT.split())
+
+
+# ------------------------------------------------------------------------------------------ long sample
+
+
+def context_text(tokenizer, num_tokens: int) -> str:
+    """Text of synthetic-data words that ``tokenizer`` turns into at most ``num_tokens`` tokens, and as many as
+    whole words allow (the count is of the text alone, as the processor tokenises a turn's text)."""
+    def count(k: int) -> int:
+        return len(tokenizer(_words(k), add_special_tokens=False)["input_ids"])
+
+    lo, hi = 0, max(num_tokens, 0) + 1  # every word is at least one token: the largest fit is below hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(mid) <= num_tokens else (lo, mid)
+    return _words(lo)
+
+
+def _words(k: int) -> str:
+    return " ".join(itertools.islice(itertools.cycle(_CONTEXT_WORDS), k))
+
+
+def lengthen(record: dict, context: str) -> dict:
+    """A copy of the seed-format ``record`` whose first human turn starts with ``context`` (after the visual
+    placeholder line, when the turn starts with one), so the sample is longer by about the context's tokens."""
+    record = json.loads(json.dumps(record))
+    turn = next(t for t in record["conversations"] if t["from"] == "human")
+    head, sep, rest = turn["value"].partition("\n")
+    if sep and head.strip() in ("<video>", "<image>"):
+        turn["value"] = f"{head}\n{context}\n{rest}"
+    else:
+        turn["value"] = f"{context}\n{turn['value']}"
+    return record
+
+
+def sample_lengths(cfg: Config, data_file: str | Path, data_root: str | Path) -> list[int]:
+    """Token count of every sample of ``data_file`` as the trainer encodes it (a bad sample raises)."""
+    from refvllm.data.dataset import RefDataset
+    from refvllm.data.processor import Processor
+
+    processor = Processor.from_config(cfg)
+    dataset = RefDataset(data_file, data_root, processor, cfg.data.num_frames, processor.spec.image_size,
+                         cfg.data.mask_resize, cfg.data.index_cache_dir or None, cfg.data.limits)
+    lengths = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if not isinstance(item, dict):
+            raise ConfigError(f"smoke data: sample {i} cannot be used: {item.reason}")
+        lengths.append(int(item["input_ids"].shape[0]))
+    return lengths
+
+
+def make_long_sample(cfg: Config, data_file: Path, data_root: Path, index: int, target: int) -> list[int]:
+    """Rewrite sample ``index`` of the JSON array ``data_file`` to about ``target`` tokens (never more);
+    returns the file's sample lengths after. Two passes: the second corrects what the first's estimate missed."""
+    from refvllm.data.processor import Processor
+
+    tokenizer = Processor.from_config(cfg).tokenizer
+    records = json.loads(data_file.read_text())
+    original = records[index]
+    lengths = sample_lengths(cfg, data_file, data_root)
+    extra = target - lengths[index]
+    for _ in range(2):
+        records[index] = lengthen(original, context_text(tokenizer, extra))
+        data_file.write_text(json.dumps(records))
+        lengths = sample_lengths(cfg, data_file, data_root)
+        if lengths[index] <= target:
+            break
+        extra -= lengths[index] - target
+    if lengths[index] > target:
+        raise ConfigError(f"smoke data: could not fit the long sample into {target} tokens")
+    return lengths
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+@dataclass
+class Smoke:
+    """What the stages share: the config file and overrides, the output folder, and what earlier stages made."""
+
+    config: str
+    out: Path
+    args: argparse.Namespace
+    user_overrides: list[str]
+    paths: dict[str, str] = field(default_factory=dict)  # config key -> value, set by the stages
+    made: dict[str, str] = field(default_factory=dict)  # eval_file, checkpoint: what later stages use
+
+    def cfg(self, **extra) -> Config:
+        """The config with the user's overrides, then the stages' (``extra`` uses ``__`` for dots)."""
+        values = {**self.paths, **{k.replace("__", "."): v for k, v in extra.items()}}
+        return load_config(self.config, [*self.user_overrides, *(f"{k}={v}" for k, v in values.items())])
+
+
+def stage_checkpoints(s: Smoke) -> str:
+    """Write (or reuse) the real-shaped checkpoints; point model.vision_path/llm_path at them."""
+    from refvllm.model import shapes
+
+    cfg = s.cfg()
+    if s.args.as_is:
+        from refvllm.model.build import ensure_tiny_checkpoints
+
+        ensure_tiny_checkpoints(cfg)  # model.tiny: the data stage needs them before training would write them
+        return f"the config's checkpoints: {cfg.model.vision_path} + {cfg.model.llm_path}"
+    vision = s.args.vision_shape or shapes.vision_shape_for(cfg.model.vision_path)
+    llm = s.args.llm_shape or shapes.llm_shape_for(cfg.model.llm_path)
+    for which, name, path, known in (("vision", vision, cfg.model.vision_path, shapes.VISION_SHAPES),
+                                     ("llm", llm, cfg.model.llm_path, shapes.LLM_SHAPES)):
+        if name is None:
+            raise ConfigError(f"no known real shape for model.{which}_path '{path}'; pass --{which}-shape "
+                              f"({', '.join(known)}) or --as-is")
+    n = s.args.layers
+    reused = []
+    for which, name, write in (("vision", vision, shapes.write_vision), ("llm", llm, shapes.write_llm)):
+        path = s.out / "checkpoints" / f"{name}-{n}layers"
+        if (path / "config.json").is_file():  # written by an earlier check (same shape, depth and seed)
+            reused.append(name)
+        else:
+            if path.exists():
+                shutil.rmtree(path)
+            write(path, name, n)
+        s.paths[f"model.{which}_path"] = str(path)
+    s.paths["model.tiny"] = "false"
+    note = f" ({', '.join(reused)} reused from {s.out / 'checkpoints'})" if reused else ""
+    return f"{vision} + {llm}, {n} layer{'s' if n != 1 else ''} each, random weights{note}"
+
+
+def stage_data(s: Smoke) -> str:
+    """Synthetic train/eval data with the config's frame count; the first training sample made long."""
+    from refvllm.data.synthetic import generate
+
+    cfg = s.cfg()
+    root = s.out / "data"
+    if root.exists():
+        shutil.rmtree(root)
+    files = generate(root, num_train=3, num_eval=2, seed=0, num_frames=max(cfg.data.num_frames, 2))
+    s.paths.update({"data.train_file": str(files.train_file), "data.data_root": str(root),
+                    "data.synth.enabled": "false", "data.num_workers": "0",
+                    "data.index_cache_dir": str(s.out / "index-cache")})
+    s.made["eval_file"] = str(files.eval_file)
+    cfg = s.cfg()
+    target = s.args.sample_tokens or cfg.data.max_length - LENGTH_MARGIN
+    if target > cfg.data.max_length:
+        raise ConfigError(f"--sample-tokens {target} is more than data.max_length={cfg.data.max_length}")
+    lengths = make_long_sample(cfg, Path(files.train_file), root, 0, target)
+    return (f"{len(lengths)} train samples ({', '.join(map(str, lengths))} tokens; {cfg.data.num_frames} frames "
+            f"per video), 2 eval")
+
+
+def _train_overrides(s: Smoke, max_steps: int, resume: str) -> dict:
+    return {"train__output_dir": str(s.out / "train"), "train__max_steps": max_steps, "train__save_steps": max_steps,
+            "train__save_total_limit": 0, "train__micro_batch_size": 1, "train__grad_accum": 1,
+            "train__warmup_steps": 0, "train__tensorboard": "false", "train__resume": resume}
+
+
+def stage_train(s: Smoke) -> str:
+    """``--steps`` steps from scratch, with a checkpoint at the end."""
+    from refvllm.train.loop import train
+
+    if (s.out / "train").exists():
+        shutil.rmtree(s.out / "train")
+    summary = train(s.cfg(**_train_overrides(s, s.args.steps, "none")))
+    if summary["step"] != s.args.steps or not summary["checkpoint"]:
+        raise AssertionError(f"training ended at step {summary['step']} without its checkpoint: {summary}")
+    s.made["checkpoint"] = summary["checkpoint"]
+    return f"{summary['step']} steps, last loss {summary['final_loss']:.4f}, saved {summary['checkpoint']}"
+
+
+def stage_resume(s: Smoke) -> str:
+    """One more step, resumed from the checkpoint of :func:`stage_train`."""
+    from refvllm.train.loop import train
+
+    summary = train(s.cfg(**_train_overrides(s, s.args.steps + 1, s.made["checkpoint"])))
+    if summary["step"] != s.args.steps + 1 or summary["steps_this_run"] != 1:
+        raise AssertionError(f"the resumed run did not take exactly one step: {summary}")
+    s.made["checkpoint"] = summary["checkpoint"]
+    return f"step {summary['step']}, loss {summary['final_loss']:.4f}, saved {summary['checkpoint']}"
+
+
+def stage_eval(s: Smoke) -> str:
+    """``refvllm eval`` of the last checkpoint on the eval split: every sample must get a prediction."""
+    from refvllm.eval.run import main as eval_main
+
+    out = s.out / "eval" / "metrics.json"
+    code = eval_main(["--model", s.made["checkpoint"], "--data", s.made["eval_file"], "--data-root",
+                      s.paths["data.data_root"], "--out", str(out), "--no-progress", "eval.batch_size=1",
+                      "eval.max_new_tokens=4"])
+    overall = json.loads(out.read_text())["overall"]
+    if code != 0 or overall["num_bad"] != 0 or overall["n"] != 2:
+        raise AssertionError(f"eval exit code {code}, overall {overall}")
+    return f"{overall['n']} samples predicted ({out})"
+
+
+def stage_export(s: Smoke) -> str:
+    """``refvllm export`` of the last checkpoint."""
+    from refvllm.export import main as export_main
+
+    out = s.out / "export"
+    code = export_main(["--checkpoint", s.made["checkpoint"], "--out", str(out), "--overwrite",
+                        *(["--merge"] if s.args.merge else [])])
+    if code != 0:
+        raise AssertionError(f"export exit code {code}")
+    return str(out)
+
+
+_STAGE_FUNCTIONS: dict[str, Callable[[Smoke], str]] = {
+    "checkpoints": stage_checkpoints, "data": stage_data, "train": stage_train, "resume": stage_resume,
+    "eval": stage_eval, "export": stage_export,
+}
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def peak_memory() -> str:
+    """The process's peak RSS so far (and peak CUDA memory allocated, on a GPU)."""
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    text = f"peak RSS {rss:.2f} GB"
+    if torch.cuda.is_available():
+        text += f", peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GB"
+    return text
+
+
+class _Switchable:
+    """A text stream writing to ``target``, which can change. While a check runs, ``sys.stdout``/``sys.stderr``
+    are two of these: a logging handler created meanwhile (transformers makes its own on first use) binds to
+    the switchable stream, not to a log file that is closed later, and follows it back to the terminal."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def write(self, text: str) -> int:
+        return self.target.write(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def __getattr__(self, name: str):  # encoding, isatty, fileno, ...: the current target's
+        return getattr(self.target, name)
+
+
+@contextlib.contextmanager
+def _switchable_std():
+    """Install switchable ``sys.stdout``/``sys.stderr``; yields (stdout, stderr, original stdout)."""
+    original = sys.stdout, sys.stderr
+    out, err = _Switchable(original[0]), _Switchable(original[1])
+    sys.stdout, sys.stderr = out, err
+    try:
+        yield out, err, original[0]
+    finally:
+        out.target, err.target = original
+        sys.stdout, sys.stderr = original
+
+
+def run_stage(s: Smoke, name: str, streams) -> bool:
+    """Run one stage with its output in ``OUT/logs/NAME.log``; print its PASS/FAIL line; True when it passed."""
+    out, err, terminal = streams
+    log = s.out / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log.open("w") as f:
+        out.target = err.target = f
+        try:
+            detail, ok = _STAGE_FUNCTIONS[name](s), True
+        except Exception as e:  # noqa: BLE001 (a smoke check reports every failure as a FAIL line)
+            traceback.print_exc()
+            detail, ok = f"{type(e).__name__}: {_first_line(e)}", False
+        finally:
+            out.target, err.target = terminal, terminal
+    seconds = time.perf_counter() - start
+    suffix = "" if ok else f" (log: {log})"
+    print(f"{'PASS' if ok else 'FAIL'} {name:<11} {seconds:6.1f}s  {detail}{suffix}", flush=True)
+    return ok
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def smoke(config: str, out: str | Path, args: argparse.Namespace, overrides: list[str]) -> int:
+    """Run the stages in order until one fails; prints a line per stage and the peak memory. Returns the exit code."""
+    s = Smoke(config, Path(out), args, overrides)
+    s.out.mkdir(parents=True, exist_ok=True)
+    print(f"smoke check of {config} in {s.out}", flush=True)
+    passed = 0
+    with _switchable_std() as streams:
+        for name in STAGES:
+            if not run_stage(s, name, streams):
+                for skipped in STAGES[STAGES.index(name) + 1:]:
+                    print(f"SKIP {skipped}")
+                break
+            passed += 1
+    print(peak_memory())
+    print(f"{passed}/{len(STAGES)} stages passed")
+    return 0 if passed == len(STAGES) else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    from refvllm.model.shapes import LLM_SHAPES, VISION_SHAPES
+
+    p = argparse.ArgumentParser(prog="refvllm smoke", description="Check that a config's code paths run (train, "
+                                "resume, eval, export) on random real-shaped checkpoints at reduced depth.")
+    p.add_argument("config", help="the YAML config to check (e.g. configs/sft.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--out", default="runs/smoke", help="working folder (default runs/smoke)")
+    p.add_argument("--layers", type=int, default=1, help="layers of each written tower (default 1)")
+    p.add_argument("--steps", type=int, default=2, help="training steps before the resume (default 2)")
+    p.add_argument("--sample-tokens", type=int, default=0,
+                   help="tokens of the long training sample (default: data.max_length - 32)")
+    p.add_argument("--as-is", action="store_true", help="use the config's checkpoints instead of written ones")
+    p.add_argument("--vision-shape", choices=VISION_SHAPES,
+                   help="vision shape to write (default: the one model.vision_path names)")
+    p.add_argument("--llm-shape", choices=LLM_SHAPES, help="LLM shape to write (default: the one model.llm_path names)")
+    p.add_argument("--merge", action="store_true", help="export the merged LLM too")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_intermixed_args(argv)  # options may come after key=value overrides
+    if args.layers < 1 or args.steps < 1:
+        raise ConfigError("--layers and --steps must be >= 1")
+    if not Path(args.config).is_file():
+        raise ConfigError(f"config file '{args.config}' does not exist")
+    return smoke(args.config, args.out, args, args.overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
