@@ -3,6 +3,14 @@
 import os
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (derandomize), without a local example database: a suite
+# run must not pass or fail by the luck of the draw or by what an earlier run on this machine found. To explore
+# new examples: pytest --hypothesis-profile=explore (or REFVLLM_HYPOTHESIS_PROFILE=explore).
+settings.register_profile("refvllm", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("REFVLLM_HYPOTHESIS_PROFILE", "refvllm"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
