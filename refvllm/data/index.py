@@ -244,7 +244,7 @@ def _spans_lines(f, head: bytes) -> bool:
         try:
             _, end = json.JSONDecoder().raw_decode(text, start)
         except json.JSONDecodeError as e:
-            if not (e.msg.startswith("Unterminated string") or e.pos >= len(text) - _TRUNCATION_SLACK):
+            if not _may_be_cut(e, text):
                 return False  # a real syntax error: not one valid multi-line value
             more = f.read(len(text)) if len(text) < (64 << 20) else b""
             if not more:
@@ -254,6 +254,12 @@ def _spans_lines(f, head: bytes) -> bool:
         except (RecursionError, ValueError):
             return False
         return 0 <= first_newline < end
+
+
+def _may_be_cut(e: json.JSONDecodeError, text: str) -> bool:
+    """Whether a decode error of ``text`` may come from the value being cut at its end (a string running to the
+    end, or an error within a token's length of it) rather than from a real syntax error."""
+    return e.msg.startswith("Unterminated string") or e.pos >= len(text) - _TRUNCATION_SLACK
 
 
 def build_offsets(path: str, fmt: str, limits: DataLimits = DEFAULT_LIMITS) -> np.ndarray:
@@ -398,7 +404,7 @@ class _JsonArrayScanner:
             try:
                 _, end = self.decoder.raw_decode(self.text, self.p)
             except json.JSONDecodeError as e:
-                cut = e.msg.startswith("Unterminated string") or e.pos >= len(self.text) - _TRUNCATION_SLACK
+                cut = _may_be_cut(e, self.text)
                 if cut and len(self.text) - self.p > self.max_sample_bytes:  # too large to decode: its end only
                     return self._skip_element()
                 if cut and self._load_more(len(self.text) - self.p):  # maybe the element continues

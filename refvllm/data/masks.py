@@ -359,19 +359,9 @@ def resize_rle_any(rle: dict, size: int) -> np.ndarray:
     mask never exists at full resolution.
     """
     h, w = (int(v) for v in rle["size"])
-    counts = rle_counts_from_string(rle["counts"])
-    ends = np.cumsum(counts)
+    ends = np.cumsum(rle_counts_from_string(rle["counts"]))
     starts, stops = ends[0:-1:2], ends[1::2]  # runs of ones: [start, stop) in column-major order
-    starts, stops = starts[stops > starts], stops[stops > starts]
-    c0, r0 = np.divmod(starts, h)
-    c1, r1 = np.divmod(stops - 1, h)
-    multi = c1 > c0
-    middle = c1 - c0 >= 2
-    rects = np.concatenate([  # rows first..last, columns first..last (inclusive), in source pixels
-        np.stack([r0, np.where(multi, h - 1, r1), c0, c0], 1),
-        np.stack([np.zeros_like(r1), r1, c1, c1], 1)[multi],
-        np.stack([np.zeros_like(c0), np.full_like(c0, h - 1), c0 + 1, c1 - 1], 1)[middle],
-    ])
+    rects = run_rectangles(starts[stops > starts], stops[stops > starts], h)
     row_lo, row_hi = _axis_map(h, size)
     col_lo, col_hi = _axis_map(w, size)
     top, bottom = row_lo[rects[:, 0]], row_hi[rects[:, 1]] + 1
@@ -380,6 +370,20 @@ def resize_rle_any(rle: dict, size: int) -> np.ndarray:
     for rows, cols, sign in ((top, left, 1), (top, right, -1), (bottom, left, -1), (bottom, right, 1)):
         np.add.at(diff, (rows, cols), sign)
     return diff.cumsum(0).cumsum(1)[:size, :size] > 0
+
+
+def run_rectangles(starts: np.ndarray, stops: np.ndarray, height: int) -> np.ndarray:
+    """int64 [R, 4]: (first row, last row, first column, last column), inclusive, of the rectangles that the
+    non-empty column-major runs [starts, stops) of a ``height``-row mask cover: each run covers at most three
+    (its first partial column, whole columns, its last partial column)."""
+    c0, r0 = np.divmod(starts, height)
+    c1, r1 = np.divmod(stops - 1, height)
+    multi, middle = c1 > c0, c1 - c0 >= 2
+    return np.concatenate([
+        np.stack([r0, np.where(multi, height - 1, r1), c0, c0], 1),
+        np.stack([np.zeros_like(r1), r1, c1, c1], 1)[multi],
+        np.stack([np.zeros_like(c0), np.full_like(c0, height - 1), c0 + 1, c1 - 1], 1)[middle],
+    ])
 
 
 def resize_mask_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -38,7 +38,7 @@ import numpy as np
 
 from refvllm.data.decode import plan_sample
 from refvllm.data.index import SampleIndex
-from refvllm.data.masks import rle_counts_from_string
+from refvllm.data.masks import rle_counts_from_string, run_rectangles
 from refvllm.data.schema import parse_sample
 from refvllm.data.types import FramePlan, Sample
 from refvllm.errors import DataError
@@ -157,26 +157,13 @@ def rle_to_display(rle: dict, size: tuple[int, int]) -> np.ndarray:
     diff = np.zeros((h + 1) * (w + 1), np.int64)
     for c in range(0, starts.size, RUN_CHUNK):
         a, b = starts[c:c + RUN_CHUNK], stops[c:c + RUN_CHUNK]
-        rects = _run_rectangles(a[b > a], b[b > a], big_h)
+        rects = run_rectangles(a[b > a], b[b > a], big_h)
         top, bottom = _bins(rects[:, 0], big_h, h), _bins(rects[:, 1], big_h, h) + 1
         left, right = _bins(rects[:, 2], big_w, w), _bins(rects[:, 3], big_w, w) + 1
         corners = [(top, left, 1), (top, right, -1), (bottom, left, -1), (bottom, right, 1)]
         for rows, cols, sign in corners:
             diff += sign * np.bincount(rows * (w + 1) + cols, minlength=diff.size)
     return diff.reshape(h + 1, w + 1).cumsum(0).cumsum(1)[:h, :w] > 0
-
-
-def _run_rectangles(starts: np.ndarray, stops: np.ndarray, height: int) -> np.ndarray:
-    """int64 [R, 4]: (first row, last row, first column, last column), inclusive, of the rectangles that the
-    non-empty column-major runs [starts, stops) of a ``height``-row mask cover."""
-    c0, r0 = np.divmod(starts, height)
-    c1, r1 = np.divmod(stops - 1, height)
-    multi, middle = c1 > c0, c1 - c0 >= 2
-    return np.concatenate([
-        np.stack([r0, np.where(multi, height - 1, r1), c0, c0], 1),
-        np.stack([np.zeros_like(r1), r1, c1, c1], 1)[multi],
-        np.stack([np.zeros_like(c0), np.full_like(c0, height - 1), c0 + 1, c1 - 1], 1)[middle],
-    ])
 
 
 # --------------------------------------------------------------------------------------------- drawing
