@@ -6,6 +6,7 @@ Contract:
     resolve_file(path_or_id, "preprocessor_config.json", key, required=False)    # -> None when the model lacks it
     check_model(path_or_id, key, revision=None)         # a ConfigError now, instead of one deep in from_pretrained
     cached_file(path_or_id, filename, revision=None)    # the file if it is already here; never asks the network
+    write_snapshot(cache, repo_id, source, revision="main")   # a local model placed in a hub cache (tests, smoke)
 
 Anything that is not a local directory is a hub id, fetched with ``huggingface_hub.hf_hub_download``, the function
 transformers' ``from_pretrained`` uses: the same cache (``HF_HUB_CACHE``, default ``$HF_HOME/hub``), the same
@@ -18,7 +19,9 @@ Every failure is a :class:`~refvllm.errors.ConfigError` of one line naming the c
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from refvllm.errors import ConfigError
@@ -71,6 +74,31 @@ def cached_file(path_or_id: str, filename: str, revision: str | None = None) -> 
     except HFValidationError:  # not a hub id either (e.g. a local path that does not exist yet)
         return None
     return found if isinstance(found, str) else None
+
+
+def write_snapshot(cache: str | os.PathLike, repo_id: str, source: str | os.PathLike,
+                   revision: str = DEFAULT_REVISION) -> str:
+    """Place the local model directory ``source`` in the hub cache ``cache`` as ``repo_id`` at ``revision``
+    (a branch or tag: ``refs/<revision>`` names a made-up commit whose snapshot holds the files, hard-linked to
+    ``source`` where the file system allows, else copied). That is huggingface_hub's cache layout, which an
+    offline run reads like a cache filled by ``hf download``. Returns the commit hash; an existing snapshot of
+    the same commit is replaced."""
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    folder = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = folder / "snapshots" / commit
+    if snapshot.exists():
+        shutil.rmtree(snapshot)
+    shutil.copytree(source, snapshot, copy_function=_link_or_copy)
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / revision).write_text(commit)
+    return commit
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # a real-shaped 7B checkpoint is gigabytes: no second copy on disk
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def first_line(e: BaseException) -> str:

@@ -1,6 +1,6 @@
 """``refvllm smoke``: check that a config's code paths run, on random real-shaped checkpoints at reduced depth.
 
-    refvllm smoke CONFIG [--out DIR] [--layers N] [--steps N] [--sample-tokens N] [--as-is]
+    refvllm smoke CONFIG [--out DIR] [--layers N] [--steps N] [--sample-tokens N] [--as-is | --hub]
                          [--vision-shape NAME] [--llm-shape NAME] [--merge] [key=value ...]
 
 Stages, each printed as one PASS/FAIL line with its time (a failure stops the check; the stage's output is in
@@ -8,7 +8,8 @@ Stages, each printed as one PASS/FAIL line with its time (a failure stops the ch
 
     checkpoints  random checkpoints of the shapes the config's model paths name (:mod:`refvllm.model.shapes`;
                  e.g. google/siglip-so400m-patch14-384 + Qwen/Qwen2.5-7B-Instruct for configs/sft.yaml), at
-                 ``--layers`` layers; with ``--as-is`` the config's own checkpoints are used instead
+                 ``--layers`` layers (a vision tower gets the extra layers ``model.vision_feature_layer``
+                 cuts off, so ``--layers`` of them run); with ``--as-is`` the config's own checkpoints are used
     data         synthetic data (``refvllm synth``: 3 train, 2 eval samples with ``data.num_frames`` frames);
                  the first training sample gets a long context, to ``--sample-tokens`` tokens (default: the
                  longest sample ``data.max_length`` accepts, less a margin)
@@ -17,7 +18,18 @@ Stages, each printed as one PASS/FAIL line with its time (a failure stops the ch
     eval         ``refvllm eval`` of the last checkpoint on the 2 eval samples (4 new tokens each)
     export       ``refvllm export`` of it (``--merge``: also the merged LLM)
 
-then the process's peak RSS (and peak CUDA memory on a GPU). It runs in one process (no ``accelerate launch``:
+then the process's peak RSS (and peak CUDA memory on a GPU).
+
+``--hub`` checks the config as a user with a pre-downloaded hub cache runs it: the checkpoints are placed in a
+hub cache (``OUT/hub``) under the config's own ids (``model.vision_path``/``llm_path``, at ``model.*_revision``
+or ``main``), and each stage is the command a user types, in a subprocess with ``HF_HUB_CACHE=OUT/hub`` and
+``HF_HUB_OFFLINE=1``: ``refvllm train --config CONFIG`` with only ``data.train_file``, ``data.data_root``,
+``train.max_steps`` and ``train.output_dir`` set (batch shape, accumulation, saving, resume as the config says;
+the resume stage is the same command with one more step), ``refvllm eval`` with the config's eval settings,
+``refvllm export --merge``, then a last stage ``load``: the merged LLM loads in plain transformers (and the
+adapter on the base model by its hub id, through peft), offline from that cache, and both give the same logits.
+
+Without ``--hub`` it runs in one process (no ``accelerate launch``:
 DDP/DeepSpeed are not exercised), one sample per step (``train.micro_batch_size=1``, ``train.grad_accum=1``),
 everything else as the config says (dtype, LoRA, gradient checkpointing, attention, frame count, pooling).
 It is a check that the code paths run and a rough memory figure, not a benchmark or a quality check: the weights
@@ -32,8 +44,10 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
 import resource
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -45,6 +59,8 @@ from refvllm.config import Config, load_config
 from refvllm.errors import ConfigError
 
 STAGES = ("checkpoints", "data", "train", "resume", "eval", "export")
+HUB_STAGES = (*STAGES, "load")
+MERGED_LOGITS_RTOL = 0.05  # merged bf16 weights vs base + adapter: one rounding of W + BA apart
 LENGTH_MARGIN = 32  # tokens below data.max_length for the default long sample: room for tokenisation slack
 # Words of the synthetic data: the tiny BPE of the shaped tokenizer holds each as one token, and a real one mostly.
 _CONTEXT = ("the red circle moves left while the blue square stays still near the bottom of the frame and the green "
@@ -137,6 +153,12 @@ class Smoke:
     user_overrides: list[str]
     paths: dict[str, str] = field(default_factory=dict)  # config key -> value, set by the stages
     made: dict[str, str] = field(default_factory=dict)  # eval_file, checkpoint: what later stages use
+    local_models: dict[str, str] = field(default_factory=dict)  # --hub: the written checkpoints, for the data stage
+    env: dict[str, str] = field(default_factory=dict)  # --hub: the environment of the stages' subprocesses
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return HUB_STAGES if self.args.hub else STAGES
 
     def cfg(self, **extra) -> Config:
         """The config with the user's overrides, then the stages' (``extra`` uses ``__`` for dots)."""
@@ -145,7 +167,8 @@ class Smoke:
 
 
 def stage_checkpoints(s: Smoke) -> str:
-    """Write (or reuse) the real-shaped checkpoints; point model.vision_path/llm_path at them."""
+    """Write (or reuse) the real-shaped checkpoints; point model.vision_path/llm_path at them (``--hub``: place
+    them in the hub cache ``OUT/hub`` under the config's ids instead)."""
     from refvllm.model import shapes
 
     cfg = s.cfg()
@@ -162,19 +185,50 @@ def stage_checkpoints(s: Smoke) -> str:
             raise ConfigError(f"no known real shape for model.{which}_path '{path}'; pass --{which}-shape "
                               f"({', '.join(known)}) or --as-is")
     n = s.args.layers
-    reused = []
-    for which, name, write in (("vision", vision, shapes.write_vision), ("llm", llm, shapes.write_llm)):
-        path = s.out / "checkpoints" / f"{name}-{n}layers"
+    written, reused = {}, []
+    for which, name, layers, write in (("vision", vision, vision_layers(cfg, n), shapes.write_vision),
+                                       ("llm", llm, n, shapes.write_llm)):
+        path = s.out / "checkpoints" / f"{name}-{layers}layers"
         if (path / "config.json").is_file():  # written by an earlier check (same shape, depth and seed)
             reused.append(name)
         else:
             if path.exists():
                 shutil.rmtree(path)
-            write(path, name, n)
-        s.paths[f"model.{which}_path"] = str(path)
-    s.paths["model.tiny"] = "false"
+            write(path, name, layers)
+        written[which] = str(path)
     note = f" ({', '.join(reused)} reused from {s.out / 'checkpoints'})" if reused else ""
-    return f"{vision} + {llm}, {n} layer{'s' if n != 1 else ''} each, random weights{note}"
+    what = f"{vision} + {llm}, {n} layer{'s' if n != 1 else ''} each run, random weights{note}"
+    if s.args.hub:
+        return f"{what}; {place_in_hub_cache(s, cfg, written)}"
+    s.paths.update({"model.vision_path": written["vision"], "model.llm_path": written["llm"], "model.tiny": "false"})
+    return what
+
+
+def vision_layers(cfg: Config, layers: int) -> int:
+    """Layers to write so that ``layers`` of them run: a negative ``model.vision_feature_layer`` (-2, the
+    recipe's) cuts the last ones off."""
+    feature_layer = cfg.model.vision_feature_layer
+    return layers + (-feature_layer - 1 if feature_layer < 0 else 0)
+
+
+def place_in_hub_cache(s: Smoke, cfg: Config, written: dict[str, str]) -> str:
+    """``--hub``: the written checkpoints as the config's hub ids in ``OUT/hub``; the stages' environment reads
+    that cache offline."""
+    from refvllm.hub import config_revision, is_local, write_snapshot
+
+    cache = s.out / "hub"
+    placed = []
+    for which in ("vision", "llm"):
+        repo_id = getattr(cfg.model, f"{which}_path")
+        if is_local(repo_id) or repo_id.count("/") != 1:
+            raise ConfigError(f"--hub needs hub ids ('org/name') in model.{which}_path, got '{repo_id}'")
+        revision = config_revision(cfg, which) or "main"
+        write_snapshot(cache, repo_id, written[which], revision)
+        placed.append(f"{repo_id}@{revision}")
+    s.local_models = {"model.vision_path": written["vision"], "model.llm_path": written["llm"]}
+    s.env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    s.env.pop("HUGGINGFACE_HUB_CACHE", None)  # the old name would win over HF_HUB_CACHE in some versions
+    return f"in the hub cache {cache} as {', '.join(placed)} (HF_HUB_OFFLINE=1)"
 
 
 def stage_data(s: Smoke) -> str:
@@ -186,11 +240,12 @@ def stage_data(s: Smoke) -> str:
     if root.exists():
         shutil.rmtree(root)
     files = generate(root, num_train=3, num_eval=2, seed=0, num_frames=max(cfg.data.num_frames, 2))
-    s.paths.update({"data.train_file": str(files.train_file), "data.data_root": str(root),
-                    "data.synth.enabled": "false", "data.num_workers": "0",
-                    "data.index_cache_dir": str(s.out / "index-cache")})
+    s.paths.update({"data.train_file": str(files.train_file), "data.data_root": str(root)})
+    if not s.args.hub:  # --hub leaves every other data key as the config says
+        s.paths.update({"data.synth.enabled": "false", "data.num_workers": "0",
+                        "data.index_cache_dir": str(s.out / "index-cache")})
     s.made["eval_file"] = str(files.eval_file)
-    cfg = s.cfg()
+    cfg = s.cfg(**{k.replace(".", "__"): v for k, v in s.local_models.items()})  # --hub: the same files, by path
     target = s.args.sample_tokens or cfg.data.max_length - LENGTH_MARGIN
     if target > cfg.data.max_length:
         raise ConfigError(f"--sample-tokens {target} is more than data.max_length={cfg.data.max_length}")
@@ -255,9 +310,125 @@ def stage_export(s: Smoke) -> str:
     return str(out)
 
 
+# ------------------------------------------------------------------------ --hub: the user's commands
+
+
+def run_refvllm(s: Smoke, *args: str) -> str:
+    """``python -m refvllm ARGS`` in the stages' environment (the hub cache, offline); its output goes to the
+    stage's log (this process's stdout while a stage runs). Returns the output; a failure raises."""
+    proc = subprocess.run([sys.executable, "-m", "refvllm", *args], env=s.env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    print(f"$ refvllm {' '.join(args)}\n{proc.stdout}", flush=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stdout.splitlines() if line.strip()]
+        raise AssertionError(f"refvllm {args[0]} exited {proc.returncode}: {lines[-1] if lines else ''}")
+    return proc.stdout
+
+
+def _train_command(s: Smoke, max_steps: int) -> list[str]:
+    """``refvllm train`` of the config, as the user's: their overrides, then only the data paths, the step
+    count and the output folder."""
+    return ["train", "--config", str(Path(s.config).resolve()), *s.user_overrides,
+            *(f"{k}={v}" for k, v in s.paths.items()), f"train.max_steps={max_steps}",
+            f"train.output_dir={s.out / 'train'}"]
+
+
+def stage_train_hub(s: Smoke) -> str:
+    """``refvllm train`` from scratch to ``--steps`` steps; training saves its last step."""
+    if (s.out / "train").exists():
+        shutil.rmtree(s.out / "train")
+    output = run_refvllm(s, *_train_command(s, s.args.steps))
+    return _saved(s, output, s.args.steps)
+
+
+def stage_resume_hub(s: Smoke) -> str:
+    """The same command with one more step: the config's ``train.resume`` must pick up the last checkpoint."""
+    output = run_refvllm(s, *_train_command(s, s.args.steps + 1))
+    if f"checkpoint-{s.args.steps}" not in "".join(line for line in output.splitlines() if "resum" in line):
+        raise AssertionError(f"the run did not resume from checkpoint-{s.args.steps} (train.resume is "
+                             f"'{s.cfg().train.resume}')")
+    return _saved(s, output, s.args.steps + 1)
+
+
+def _saved(s: Smoke, output: str, step: int) -> str:
+    from refvllm.checkpoint import checkpoint_dir
+
+    checkpoint = Path(checkpoint_dir(s.out / "train", step))
+    if not checkpoint.is_dir():
+        raise AssertionError(f"training did not save {checkpoint}")
+    s.made["checkpoint"] = str(checkpoint)
+    losses = [line for line in output.splitlines() if line.startswith("loss ")]
+    return f"{losses[-1] if losses else 'no loss line'}; saved {checkpoint}"
+
+
+def stage_eval_hub(s: Smoke) -> str:
+    """``refvllm eval`` of the last checkpoint with the config's eval settings."""
+    out = s.out / "eval" / "metrics.json"
+    run_refvllm(s, "eval", "--no-progress", "--model", s.made["checkpoint"], "--data", s.made["eval_file"],
+                "--data-root", s.paths["data.data_root"], "--out", str(out))
+    result = json.loads(out.read_text())
+    if result["overall"]["num_bad"] != 0 or result["overall"]["n"] != 2:
+        raise AssertionError(f"eval overall {result['overall']}")
+    generation = {k: result["run"]["generation"].get(k) for k in ("do_sample", "repetition_penalty", "max_new_tokens")}
+    return f"{result['overall']['n']} samples predicted, generation {generation} ({out})"
+
+
+def stage_export_hub(s: Smoke) -> str:
+    """``refvllm export --merge`` of the last checkpoint."""
+    out = s.out / "export"
+    output = run_refvllm(s, "export", "--checkpoint", s.made["checkpoint"], "--out", str(out), "--overwrite",
+                         "--merge")
+    manifest = json.loads(output.strip().splitlines()[-1])
+    s.made["merged"], s.made["adapter"] = manifest["merged_llm_dir"], manifest["adapter_dir"] or ""
+    return str(out)
+
+
+# Plain transformers and peft, nothing of refvllm: the merged LLM, and the adapter on the base model by the hub id
+# its adapter_config.json names, both from the offline cache; the same prompt's logits from each.
+_PLAIN_LOAD = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+merged_dir, adapter_dir = sys.argv[1], sys.argv[2]
+tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the red circle doing?"}],
+                                    add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+result = {"dtype": str(merged.dtype), "vocab": merged.config.vocab_size, "prompt_tokens": ids.shape[1]}
+with torch.no_grad():
+    a = merged(ids).logits.float()
+    out = merged.generate(ids, max_new_tokens=4, do_sample=False)
+result["generated"] = out.shape[1] - ids.shape[1]
+if adapter_dir:
+    from peft import PeftModel
+    base_id = json.load(open(adapter_dir + "/adapter_config.json"))["base_model_name_or_path"]
+    base = AutoModelForCausalLM.from_pretrained(base_id, dtype=merged.dtype)
+    with torch.no_grad():
+        b = PeftModel.from_pretrained(base, adapter_dir).eval()(ids).logits.float()
+    result.update(base=base_id, rel_diff=float((a - b).norm() / a.norm()))
+print(json.dumps(result))
+"""
+
+
+def stage_load_hub(s: Smoke) -> str:
+    """The merged LLM (and base + adapter) in plain transformers, offline from the hub cache."""
+    proc = subprocess.run([sys.executable, "-c", _PLAIN_LOAD, s.made["merged"], s.made["adapter"]], env=s.env,
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    print(proc.stdout, flush=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"plain transformers could not load the export: {proc.stdout.strip().splitlines()[-1]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if result.get("rel_diff", 0.0) > MERGED_LOGITS_RTOL:
+        raise AssertionError(f"merged and base + adapter logits differ by {result['rel_diff']:.3g} (relative)")
+    return ", ".join(f"{k} {v}" for k, v in result.items())
+
+
 _STAGE_FUNCTIONS: dict[str, Callable[[Smoke], str]] = {
     "checkpoints": stage_checkpoints, "data": stage_data, "train": stage_train, "resume": stage_resume,
     "eval": stage_eval, "export": stage_export,
+}
+_HUB_STAGE_FUNCTIONS: dict[str, Callable[[Smoke], str]] = {
+    **_STAGE_FUNCTIONS, "train": stage_train_hub, "resume": stage_resume_hub, "eval": stage_eval_hub,
+    "export": stage_export_hub, "load": stage_load_hub,
 }
 
 
@@ -315,7 +486,8 @@ def run_stage(s: Smoke, name: str, streams) -> bool:
     with log.open("w") as f:
         out.target = err.target = f
         try:
-            detail, ok = _STAGE_FUNCTIONS[name](s), True
+            functions = _HUB_STAGE_FUNCTIONS if s.args.hub else _STAGE_FUNCTIONS
+            detail, ok = functions[name](s), True
         except Exception as e:  # noqa: BLE001 (a smoke check reports every failure as a FAIL line)
             traceback.print_exc()
             detail, ok = f"{type(e).__name__}: {_first_line(e)}", False
@@ -337,17 +509,17 @@ def smoke(config: str, out: str | Path, args: argparse.Namespace, overrides: lis
     s = Smoke(config, Path(out), args, overrides)
     s.out.mkdir(parents=True, exist_ok=True)
     print(f"smoke check of {config} in {s.out}", flush=True)
-    passed = 0
+    passed, stages = 0, s.stages
     with _switchable_std() as streams:
-        for name in STAGES:
+        for name in stages:
             if not run_stage(s, name, streams):
-                for skipped in STAGES[STAGES.index(name) + 1:]:
+                for skipped in stages[stages.index(name) + 1:]:
                     print(f"SKIP {skipped}")
                 break
             passed += 1
-    print(peak_memory())
-    print(f"{passed}/{len(STAGES)} stages passed")
-    return 0 if passed == len(STAGES) else 1
+    print(peak_memory() + (" (this process; the stages ran in subprocesses)" if s.args.hub else ""))
+    print(f"{passed}/{len(stages)} stages passed")
+    return 0 if passed == len(stages) else 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -362,7 +534,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2, help="training steps before the resume (default 2)")
     p.add_argument("--sample-tokens", type=int, default=0,
                    help="tokens of the long training sample (default: data.max_length - 32)")
-    p.add_argument("--as-is", action="store_true", help="use the config's checkpoints instead of written ones")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--as-is", action="store_true", help="use the config's checkpoints instead of written ones")
+    mode.add_argument("--hub", action="store_true", help="place the written checkpoints in an offline hub cache "
+                      "under the config's ids, and run each stage as the user's command (train, eval, "
+                      "export --merge, then load the merged LLM in plain transformers)")
     p.add_argument("--vision-shape", choices=VISION_SHAPES,
                    help="vision shape to write (default: the one model.vision_path names)")
     p.add_argument("--llm-shape", choices=LLM_SHAPES, help="LLM shape to write (default: the one model.llm_path names)")

@@ -204,10 +204,13 @@ def _check_indices(indices: list[int], num_frames: int, where: str) -> None:
                         f"'{where}' ({num_frames} frames)", category="frame_index")
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """uint8 [H, W, 3] of an image file; DataError if it cannot be decoded."""
+def _read_image(path: Path, limits: DataLimits | None = None, what: str = "") -> np.ndarray:
+    """uint8 [H, W, 3] of an image file; DataError if it cannot be decoded. With ``limits``, the header's size
+    is checked against them (naming ``what``) before any pixel is decoded, in the same open."""
     try:
         with Image.open(path) as im:
+            if limits is not None:
+                _check_pixels(im.size[1], im.size[0], what, limits)
             return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # no second full-size copy
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image '{path}': {_first_line(e)}", category="media_corrupt") from None
@@ -249,9 +252,8 @@ class FrameFolderReader:
         _check_indices(indices, self.num_frames, str(self.path))
         out = np.zeros((len(indices), self.height, self.width, 3), np.uint8)
         for j, i in enumerate(indices):
-            size = _image_size(self.files[i])  # header first: a huge odd frame is refused before decoding
-            _check_pixels(*size, f"frame '{self.files[i]}'", self.limits)
-            frame = _read_image(self.files[i])
+            # Header first: a huge odd frame is refused before decoding.
+            frame = _read_image(self.files[i], self.limits, f"frame '{self.files[i]}'")
             if frame.shape[:2] != (self.height, self.width):
                 raise DataError(f"frame file '{self.files[i]}' is {frame.shape[0]}x{frame.shape[1]} but the "
                                 f"folder's first frame is {self.height}x{self.width}", category="media_corrupt")

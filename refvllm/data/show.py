@@ -42,6 +42,7 @@ from refvllm.data.masks import rle_counts_from_string, run_rectangles
 from refvllm.data.schema import parse_sample
 from refvllm.data.types import FramePlan, Sample
 from refvllm.errors import DataError
+from refvllm.fileio import output_file_problem
 
 # Overlay colours, chosen away from the synthetic data's red/green/blue/yellow objects.
 OBJECT_COLOURS = ("#ff00ff", "#00ffff", "#ff8c00", "#ffffff", "#8a2be2", "#00ff7f", "#ff1493", "#1e90ff")
@@ -310,29 +311,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def out_problem(out: str) -> str | None:
-    """Why ``--out`` cannot be written (one line), or None. Checked before any work: it must name a .png file
-    that is not a folder, in a folder that exists or can be created (its nearest existing ancestor is a
-    writable folder). Creates nothing."""
-    if "\0" in out:
-        return f"--out {out!r} has a NUL character"
-    try:
-        path = Path(out).absolute()
-        if path.is_dir():
-            return f"--out {out!r} is a folder; give a .png file path"
-        if path.suffix.lower() != ".png":
-            return f"--out must be a .png file, got {out!r}"
-        if path.exists():  # overwritten in place
-            return None if os.access(path, os.W_OK) else f"--out {out!r} exists and is not writable"
-        folder = path.parent
-        while not folder.exists():  # the folders draw() would create
-            folder = folder.parent
-    except (OSError, ValueError) as e:  # a component not searchable, a NUL byte
-        return f"--out {out!r} cannot be checked: {getattr(e, 'strerror', None) or e}"
-    if not folder.is_dir():
-        return f"--out {out!r}: {str(folder)!r} is not a folder"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"--out {out!r}: cannot write in {str(folder)!r}"
-    return None
+    """Why ``--out`` cannot be written (one line), or None: a .png file path (:func:`output_file_problem`)."""
+    return output_file_problem("--out", out, ".png")
 
 
 def main(argv: list[str]) -> int:

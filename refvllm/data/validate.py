@@ -47,6 +47,7 @@ from refvllm.data.limits import DataLimits
 from refvllm.data.masks import MaskRescaleWarning
 from refvllm.data.schema import parse_sample, raw_sample_id
 from refvllm.errors import ConfigError, DataError, unexpected_error
+from refvllm.fileio import output_file_problem
 
 DEFAULT_IMAGE_SIZE = 384  # frame size used without --config (SigLIP's); only the final resize depends on it
 EXAMPLES_PER_CATEGORY = 3
@@ -145,15 +146,8 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Settings, str | None]:
 
 def _check_writable(report: str) -> None:
     """UsageError unless ``report`` names a file that can be written (checked before any work is done)."""
-    path = Path(report)
-    if path.is_dir():
-        raise UsageError(f"--report '{report}' is a folder; give a file name (e.g. {path / 'report.jsonl'})")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8"):
-            pass
-    except OSError as e:
-        raise UsageError(f"--report '{report}' cannot be written: {e.strerror or e}") from None
+    if (problem := output_file_problem("--report", report)) is not None:
+        raise UsageError(problem)
 
 
 def _load_processor(cfg: Config):

@@ -9,7 +9,6 @@ library reads the cache location from the environment when it is imported).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,23 +20,14 @@ import pytest
 from train_helpers import ROOT, check_ok, make_assets, overrides, run_training
 
 from refvllm.errors import ConfigError
-from refvllm.hub import cached_file, is_local, resolve_file
+from refvllm.hub import cached_file, is_local, resolve_file, write_snapshot
 
 VISION_ID, LLM_ID = "refvllm-test/tiny-siglip", "refvllm-test/tiny-qwen2"
 
 
 def write_hub_cache(cache: Path, repos: dict[str, str], branch: str = "main") -> dict[str, str]:
-    """Copy each local checkpoint ``repos[repo_id]`` into a hub cache at ``cache`` as the snapshot of a made-up
-    commit that ``refs/<branch>`` points to; returns {repo_id: commit}."""
-    commits = {}
-    for repo_id, source in repos.items():
-        commit = hashlib.sha1(f"{repo_id}@{branch}".encode()).hexdigest()
-        folder = cache / f"models--{repo_id.replace('/', '--')}"
-        shutil.copytree(source, folder / "snapshots" / commit)
-        (folder / "refs").mkdir(parents=True, exist_ok=True)
-        (folder / "refs" / branch).write_text(commit)
-        commits[repo_id] = commit
-    return commits
+    """Each local checkpoint ``repos[repo_id]`` as the snapshot ``refs/<branch>`` names; returns {repo_id: commit}."""
+    return {repo_id: write_snapshot(cache, repo_id, source, branch) for repo_id, source in repos.items()}
 
 
 def _hub_env(hf_home: Path) -> dict[str, str]:
