@@ -120,8 +120,9 @@ def _corpus() -> Iterator[str]:
         yield f"Answer: ({'ABCD'[n % 4]}) option {n} frame {n} of {n + 1}. <video> <image> {n}"
 
 
-def train_tokenizer(vocab_size: int = 1500):
-    """A byte-level BPE tokenizer trained on :func:`_corpus`, wrapped as a transformers fast tokenizer."""
+def train_tokenizer(vocab_size: int = 1500, special_tokens: tuple[str, ...] = SPECIAL_TOKENS):
+    """A byte-level BPE tokenizer trained on :func:`_corpus`, wrapped as a transformers fast tokenizer; the
+    ``special_tokens`` get the first ids, in order."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -136,7 +137,7 @@ def train_tokenizer(vocab_size: int = 1500):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

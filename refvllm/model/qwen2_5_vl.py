@@ -1,0 +1,258 @@
+"""Qwen2.5-VL, the first pretrained video-LLM family: its checkpoints and the model-side pieces refvllm needs.
+
+Checkpoints (offline, random weights), in the layout of the hub's ``Qwen/Qwen2.5-VL-*-Instruct`` repositories
+(``config.json`` with ``model_type: qwen2_5_vl``, safetensors, tokenizer files with Qwen2-VL's chat template,
+``preprocessor_config.json``, ``video_preprocessor_config.json``, ``generation_config.json``), which plain
+``Qwen2_5_VLForConditionalGeneration.from_pretrained`` and ``AutoTokenizer`` load:
+
+    write_checkpoint(path, "tiny")                       # 64-wide vision, 128-wide LLM, ~1,500-token BPE vocab
+    write_checkpoint(path, "qwen2.5-vl-7b", layers=1)    # the hub config at reduced depth, Qwen's real token ids
+
+Model side, through the model's own code only (so refvllm and plain transformers agree on whatever transformers
+version is installed; the pieces used exist with the same signatures in 5.17 and 5.24):
+
+    video_patches(frames, preprocessor)  # uint8 [T, H, W, 3] -> pixel_values_videos [N, C*2*14*14], grid (t, h, w)
+    merged_features(model, pixels, grid_thw)   # the vision pass once -> merged video tokens [sum t*h*w/4, D_llm]
+    position_ids(model, input_ids, ...)  # mRoPE ids [3, B, L] from the model's own get_rope_index
+
+Temporal patches: Qwen2.5-VL joins ``temporal_patch_size`` (2) consecutive frames into one patch, so a video of
+T frames has T/2 token frames; an odd T repeats its last frame (as the HF video processor does). The time
+between token frames is ``second_per_grid_ts = temporal_patch_size / sampling fps`` seconds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from refvllm.errors import ConfigError
+from refvllm.model.shapes import QWEN2_5_GENERATION
+
+MODEL_TYPE = "qwen2_5_vl"
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2  # mm_token_type_ids values (transformers' convention)
+
+# Qwen2-VL / Qwen2.5-VL's chat template (the hub's chat_template.json): a default system prompt, content either a
+# string or a list of {"type": "text" | "image" | "video"} parts, one <|vision_start|><|X_pad|><|vision_end|> per
+# visual part (the processor expands the pad token to the part's token count).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# The hub's preprocessor_config.json of Qwen2.5-VL-*-Instruct (CLIP normalisation, 14 px patches, 2 x 2 merge).
+PREPROCESSOR = {
+    "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+}
+_TEXT_7B = {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+            "num_key_value_heads": 4, "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0, "tie_word_embeddings": False, "num_hidden_layers": 28}
+_VISION_7B = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "tokens_per_second": 2,
+              "fullatt_block_indexes": [7, 15, 23, 31], "out_hidden_size": 3584, "hidden_act": "silu"}
+MROPE_SECTION = [16, 24, 24]  # of the hub configs: halves of a 128-wide head split over (t, h, w)
+
+
+@dataclass(frozen=True)
+class VLShape:
+    hub_id: str
+    text: dict
+    vision: dict
+    mrope_section: list[int]
+
+
+SHAPES = {
+    "qwen2.5-vl-7b": VLShape("Qwen/Qwen2.5-VL-7B-Instruct", _TEXT_7B, _VISION_7B, MROPE_SECTION),
+    "qwen2.5-vl-3b": VLShape("Qwen/Qwen2.5-VL-3B-Instruct", {
+        **_TEXT_7B, "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008,
+        "num_attention_heads": 16, "num_key_value_heads": 2, "tie_word_embeddings": True, "num_hidden_layers": 36},
+        {**_VISION_7B, "out_hidden_size": 2048}, MROPE_SECTION),
+    # Offline tests and the demo: 32-wide heads, so the mRoPE sections are a quarter of the real ones.
+    "tiny": VLShape("", {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
+                         "num_key_value_heads": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+                         "rope_theta": 1000000.0, "tie_word_embeddings": False, "num_hidden_layers": 2},
+                    {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "patch_size": 14,
+                     "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                     "tokens_per_second": 2, "fullatt_block_indexes": [1], "out_hidden_size": 128,
+                     "hidden_act": "silu"}, [4, 6, 6]),
+}
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def tokenizer_for(shape: str):
+    """Qwen's real token ids for a real shape (151,643 regular tokens, then the added ones, vision tokens at
+    151652-151656); for ``tiny`` the tiny BPE with ChatML and the vision tokens as special tokens."""
+    from refvllm.model import tiny
+    from refvllm.model.shapes import qwen2_5_tokenizer
+
+    tokenizer = qwen2_5_tokenizer() if shape != "tiny" else tiny.train_tokenizer(
+        special_tokens=(*tiny.SPECIAL_TOKENS, *VISION_TOKENS))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def vl_config(shape: str, tokenizer, layers: int | None = None, vision_layers: int | None = None):
+    """``Qwen2_5_VLConfig`` of ``shape`` (text at ``layers``, vision at ``vision_layers`` blocks; None = the
+    shape's depth), its special token ids from ``tokenizer``."""
+    from transformers import Qwen2_5_VLConfig
+
+    if shape not in SHAPES:
+        raise ConfigError(f"unknown Qwen2.5-VL shape '{shape}' (known: {', '.join(SHAPES)})")
+    s = SHAPES[shape]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", *VISION_TOKENS)}
+    text = {**s.text, "vocab_size": s.text.get("vocab_size", len(tokenizer)),
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"]}
+    if layers is not None:
+        text["num_hidden_layers"] = layers
+    theta = text.pop("rope_theta")
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, "mrope_section": s.mrope_section}
+    vision = dict(s.vision)
+    if vision_layers is not None:
+        # Keep a full-attention block among the kept ones, as every real depth has (the last of each 8).
+        vision["depth"] = vision_layers
+        vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision_layers] or [
+            vision_layers - 1]
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"],
+                            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+def write_checkpoint(path: str | os.PathLike, shape: str = "tiny", layers: int | None = None,
+                     vision_layers: int | None = None, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                     sampling: bool = True) -> str:
+    """Write a random ``Qwen2_5_VLForConditionalGeneration`` of ``shape`` with tokenizer, processor files and a
+    generation config (Qwen's sampling one when ``sampling``, else greedy) to ``path``; returns it."""
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    path = Path(path)
+    tokenizer = tokenizer_for(shape)
+    config = vl_config(shape, tokenizer, layers, vision_layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    text = config.text_config
+    generation = {"bos_token_id": text.bos_token_id, "pad_token_id": text.pad_token_id,
+                  "eos_token_id": [text.eos_token_id, text.pad_token_id], "do_sample": False}
+    if sampling:  # Qwen's sampling settings, what greedy evaluation must override
+        generation.update({k: v for k, v in QWEN2_5_GENERATION.items() if "token" not in k})
+    model.generation_config = GenerationConfig(**generation)
+    model.to(dtype).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2) + "\n")
+    video = {**PREPROCESSOR, "video_processor_type": "Qwen2VLVideoProcessor"}
+    video.pop("image_processor_type")
+    (path / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2) + "\n")
+    return str(path)
+
+
+# -------------------------------------------------------------------------------------------------- pixels
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """The pixel settings of a checkpoint's ``preprocessor_config.json`` (defaults: the hub's)."""
+
+    min_pixels: int = PREPROCESSOR["min_pixels"]
+    max_pixels: int = PREPROCESSOR["max_pixels"]
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = tuple(PREPROCESSOR["image_mean"])
+    image_std: tuple[float, ...] = tuple(PREPROCESSOR["image_std"])
+
+    @classmethod
+    def from_file(cls, file: str | os.PathLike) -> Preprocessor:
+        data = json.loads(Path(file).read_text())
+        size = data.get("size") or {}
+        return cls(min_pixels=int(data.get("min_pixels", size.get("shortest_edge", cls.min_pixels))),
+                   max_pixels=int(data.get("max_pixels", size.get("longest_edge", cls.max_pixels))),
+                   patch_size=int(data.get("patch_size", 14)),
+                   temporal_patch_size=int(data.get("temporal_patch_size", 2)),
+                   merge_size=int(data.get("merge_size", 2)),
+                   image_mean=tuple(data.get("image_mean", cls.image_mean)),
+                   image_std=tuple(data.get("image_std", cls.image_std)))
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """The frame size the model sees (Qwen's ``smart_resize``: multiples of patch x merge, pixel count
+        within [min_pixels, max_pixels], aspect ratio kept)."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        return smart_resize(height, width, factor=self.patch_size * self.merge_size, min_pixels=self.min_pixels,
+                            max_pixels=self.max_pixels)
+
+
+def video_patches(frames: np.ndarray, pre: Preprocessor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """uint8 frames [T, H, W, 3] -> (pixel_values_videos [t*h*w, 3*tp*p*p] float32, (t, h, w)) in the order
+    of HF's Qwen2-VL video processor: frames resized (PIL bicubic, as the image processor's PIL backend does;
+    HF's torchvision video backend resizes with torch's bicubic, a small pixel difference), rescaled to [0, 1],
+    normalised, an odd T padded with its last frame, then patches ordered (t, h/m, w/m, m, m) with each row
+    (C, tp, p, p). ``h``/``w`` count 14-px patches; the LLM sees t*h*w/m^2 tokens."""
+    from PIL import Image
+
+    num, height, width, _ = frames.shape
+    new_h, new_w = pre.resized(height, width)
+    if (new_h, new_w) != (height, width):
+        frames = np.stack([np.asarray(Image.fromarray(f).resize((new_w, new_h), Image.BICUBIC)) for f in frames])
+    x = frames.astype(np.float32) / 255.0
+    x = (x - np.asarray(pre.image_mean, np.float32)) / np.asarray(pre.image_std, np.float32)
+    x = x.transpose(0, 3, 1, 2)  # [T, C, H, W]
+    tp, p, m = pre.temporal_patch_size, pre.patch_size, pre.merge_size
+    if pad := -num % tp:
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+    t, gh, gw = x.shape[0] // tp, new_h // p, new_w // p
+    x = x.reshape(t, tp, 3, gh // m, m, p, gw // m, m, p)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t, h/m, w/m, m, m, C, tp, p, p)
+    return torch.from_numpy(np.ascontiguousarray(x.reshape(t * gh * gw, 3 * tp * p * p))), (t, gh, gw)
+
+
+# ---------------------------------------------------------------------------------------------- model side
+
+
+def merged_features(model, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
+    """One pass of the VLM's vision encoder and merger: [sum(t*h*w), D_patch] pixels -> [sum(t*h*w)/m^2, D_llm]
+    video tokens, in the order the model scatters them (each video's (t, h/m, w/m))."""
+    visual = model.model.visual
+    out = visual(pixel_values_videos.to(visual.dtype), grid_thw=video_grid_thw)
+    return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
+def token_types(input_ids: torch.Tensor, config) -> torch.Tensor:
+    """``mm_token_type_ids`` [B, L]: video (2) at the video pad token, image (1) at the image pad, else text (0).
+    Region tokens are text positions."""
+    types = torch.full_like(input_ids, TEXT_TYPE, dtype=torch.int32)
+    types[input_ids == config.image_token_id] = IMAGE_TYPE
+    types[input_ids == config.video_token_id] = VIDEO_TYPE
+    return types
+
+
+def position_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 video_grid_thw: torch.Tensor | None, second_per_grid_ts: torch.Tensor | None) -> torch.Tensor:
+    """mRoPE position ids [3, B, L] from the model's own ``get_rope_index`` (whatever rule the installed
+    transformers follows for the text after a video)."""
+    kwargs = {"input_ids": input_ids, "mm_token_type_ids": token_types(input_ids, model.config),
+              "video_grid_thw": video_grid_thw, "second_per_grid_ts": second_per_grid_ts,
+              "attention_mask": attention_mask}
+    accepted = inspect.signature(model.model.get_rope_index).parameters
+    positions, _ = model.model.get_rope_index(**{k: v for k, v in kwargs.items() if k in accepted})
+    return positions
