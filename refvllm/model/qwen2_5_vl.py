@@ -14,6 +14,14 @@ version is installed; the pieces used exist with the same signatures in 5.17 and
     video_patches(frames, preprocessor)  # uint8 [T, H, W, 3] -> pixel_values_videos [N, C*2*14*14], grid (t, h, w)
     merged_features(model, pixels, grid_thw)   # the vision pass once -> merged video tokens [sum t*h*w/4, D_llm]
     position_ids(model, input_ids, ...)  # mRoPE ids [3, B, L] from the model's own get_rope_index
+    RegionVLM(vlm, region_encoder, pad_token_id)   # the VLM + the region pathway (batch contract: its docstring)
+
+Regions are pooled from the merged tokens (after the merger, in the LLM's width): every merged token is one
+28 x 28 pixel cell of one token frame (2 frames), so a mask of frame f pools token frame f // 2 on that grid,
+with the area weights, temporal merge and count checks of the assembled family (:mod:`refvllm.model.region`).
+Pooling before the merger (1280-wide, 14 px cells) is the alternative still to measure; the merged tokens are
+what the model's own forward returns in order, in every transformers version (the encoder's own patch
+features come out in its window-attention order).
 
 Temporal patches: Qwen2.5-VL joins ``temporal_patch_size`` (2) consecutive frames into one patch, so a video of
 T frames has T/2 token frames; an odd T repeats its last frame (as the HF video processor does). The time
@@ -30,8 +38,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from refvllm.errors import ConfigError
+from refvllm.constants import REGION_TOKEN_ID
+from refvllm.errors import ConfigError, ModelInputError
+from refvllm.model.refvlm import drop_regions, label_positions, next_token_loss
 from refvllm.model.shapes import QWEN2_5_GENERATION
 
 MODEL_TYPE = "qwen2_5_vl"
@@ -247,12 +259,115 @@ def token_types(input_ids: torch.Tensor, config) -> torch.Tensor:
 
 
 def position_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 video_grid_thw: torch.Tensor | None, second_per_grid_ts: torch.Tensor | None) -> torch.Tensor:
+                 video_grid_thw: torch.Tensor | None, second_per_grid_ts: torch.Tensor | None,
+                 image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
     """mRoPE position ids [3, B, L] from the model's own ``get_rope_index`` (whatever rule the installed
     transformers follows for the text after a video)."""
     kwargs = {"input_ids": input_ids, "mm_token_type_ids": token_types(input_ids, model.config),
               "video_grid_thw": video_grid_thw, "second_per_grid_ts": second_per_grid_ts,
-              "attention_mask": attention_mask}
+              "image_grid_thw": image_grid_thw, "attention_mask": attention_mask}
     accepted = inspect.signature(model.model.get_rope_index).parameters
     positions, _ = model.model.get_rope_index(**{k: v for k, v in kwargs.items() if k in accepted})
     return positions
+
+
+class RegionVLM(nn.Module):
+    """A Qwen2.5-VL with refvllm's region pathway: region tokens pooled from the merged tokens of the same
+    vision pass, scattered at the REGION_TOKEN_ID sentinels, the VLM's own positions for everything.
+
+    ``vlm`` is a ``Qwen2_5_VLForConditionalGeneration`` (its modules may carry LoRA adapters); ``region`` a
+    :class:`~refvllm.model.region.RegionEncoder` from the LLM's width to the LLM's width.
+
+    Batch:
+        input_ids           long [B, L]  the VLM's ids: <|video_pad|> / <|image_pad|> runs expanded to each
+                                         visual's t*h*w/m^2 tokens, REGION_TOKEN_ID where region tokens go
+        attention_mask      long [B, L]
+        labels              long [B, L]  optional (IGNORE_INDEX where no loss)
+        pixel_values        float [sum_v t*h*w, C*tp*p*p]  every visual's patches (:func:`video_patches`), in
+                                         the order the visuals appear in the batch (sample by sample)
+        visual_grid_thw     long [V, 3]; visual_is_video bool [V]; second_per_grid_ts float [V] (videos)
+        region_masks        bool [N_M, H, W]  each at its visual's resized frame size (h*p x w*p), zero-padded
+        region_visual_index long [N_M]   the visual each mask is on
+        region_frame_index  long [N_M]   the frame of that visual (0..T-1, before temporal patching)
+        region_object_index long [N_M]   object 0..O-1 of the batch (objects in prompt order)
+        object_sample_index long [O]     the sample of each object
+    Objects' region tokens go to the sentinels in object order, each object's in time order
+    (``region.layout.num_region_tokens`` per object).
+    """
+
+    def __init__(self, vlm: nn.Module, region: nn.Module, pad_token_id: int, region_dropout: float = 0.0):
+        super().__init__()
+        self.vlm, self.region, self.pad_token_id = vlm, region, pad_token_id
+        self.region_dropout = region_dropout
+
+    @property
+    def config(self):
+        return self.vlm.config
+
+    def _visuals(self, batch: dict) -> list[torch.Tensor]:
+        """One vision pass over every visual -> merged tokens per visual [t*h*w/m^2, D]."""
+        grids = batch["visual_grid_thw"]
+        merged = merged_features(self.vlm, batch["pixel_values"], grids)
+        m = self.config.vision_config.spatial_merge_size
+        return list(merged.split((grids.prod(-1) // (m * m)).tolist()))
+
+    def _regions(self, batch: dict, visuals: list[torch.Tensor]) -> torch.Tensor:
+        """Region tokens [N_R, D] from the masks, pooled on each visual's token frames."""
+        masks = batch["region_masks"]
+        if masks.shape[0] == 0:
+            return self.region(visuals[0][:0, None], masks, *(batch[k] for k in (
+                "region_frame_index", "region_object_index")), 0)
+        vision = self.config.vision_config
+        m, p, tp = vision.spatial_merge_size, vision.patch_size, vision.temporal_patch_size
+        groups = []
+        for tokens, (t, h, w) in zip(visuals, batch["visual_grid_thw"].tolist(), strict=True):
+            groups.append((tokens.reshape(t, (h // m) * (w // m), -1), (h // m, w // m), p * m))
+        visual_index, frame = batch["region_visual_index"], batch["region_frame_index"]
+        is_video = batch["visual_is_video"][visual_index]
+        token_frame = torch.where(is_video, frame // tp, frame)
+        objects, num_objects = batch["region_object_index"], int(batch["object_sample_index"].shape[0])
+        pooled = self.region.pool_groups(groups, masks, visual_index, token_frame, objects, num_objects)
+        # Time order within an object follows the frame (two masks of one token frame stay two tokens).
+        key_frame = visual_index * (int(frame.max()) + 1) + frame
+        return self.region.mlp(self.region.merge(pooled, key_frame, objects, num_objects))
+
+    def embed(self, batch: dict, ablate_regions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs_embeds [B, L, D] with visual and region tokens in place, position_ids [3, B, L])."""
+        ids = batch["input_ids"]
+        config = self.config
+        is_region = ids == REGION_TOKEN_ID
+        is_visual = (ids == config.video_token_id) | (ids == config.image_token_id)
+        visuals = self._visuals(batch)
+        region = self._regions(batch, visuals)
+        if int(is_region.sum()) != region.shape[0]:
+            raise ModelInputError(f"the batch has {int(is_region.sum())} region placeholder positions but "
+                                  f"{region.shape[0]} region tokens")
+        clean = ids.masked_fill(is_region, self.pad_token_id)  # region tokens are text positions
+        embeds = self.vlm.get_input_embeddings()(clean)
+        merged = torch.cat(visuals).to(embeds.dtype)
+        if int(is_visual.sum()) != merged.shape[0]:
+            raise ModelInputError(f"the batch has {int(is_visual.sum())} visual placeholder positions but "
+                                  f"{merged.shape[0]} visual tokens")
+        region = region.to(embeds.dtype)
+        if ablate_regions:
+            region = torch.zeros_like(region)
+        elif self.training and self.region_dropout > 0 and region.shape[0]:
+            region = drop_regions(region, is_region, self.region_dropout)
+        embeds = embeds.masked_scatter(is_visual[..., None], merged).masked_scatter(is_region[..., None], region)
+        grids, is_video = batch["visual_grid_thw"], batch["visual_is_video"]
+        seconds = batch.get("second_per_grid_ts")
+        positions = position_ids(self.vlm, clean, batch["attention_mask"], grids[is_video] if is_video.any() else None,
+                                 seconds[is_video] if seconds is not None and is_video.any() else None,
+                                 grids[~is_video] if (~is_video).any() else None)
+        return embeds, positions
+
+    def forward(self, batch: dict, loss_normalizer: float | None = None, ablate_regions: bool = False,
+                logits_at: str = "all") -> CausalLMOutputWithPast:
+        """Logits, and the next-token loss when ``labels`` are in the batch (as ``RefVLM.forward``)."""
+        embeds, positions = self.embed(batch, ablate_regions)
+        labels = batch.get("labels")
+        keep = label_positions(labels, logits_at, embeds.device)
+        out = self.vlm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=positions,
+                       use_cache=False, **({} if keep is None else {"logits_to_keep": keep}))
+        loss = None if labels is None else next_token_loss(out.logits, labels, keep, loss_normalizer)
+        return CausalLMOutputWithPast(loss=loss, logits=out.logits)

@@ -103,7 +103,13 @@ def region_geometry(weights: torch.Tensor, grid: Grid, frame_index: torch.Tensor
     """[N_M, GEOMETRY_DIM] per mask: :func:`mask_geometry` (centroid and box) plus the centroid's displacement
     from the object's first mask frame, so a token states where the object has moved without the LLM having to
     subtract two tokens. Frame indices are global frame rows, in time order within a sample."""
-    geo = mask_geometry(weights, grid)
+    return with_displacement(mask_geometry(weights, grid), frame_index, object_index, num_objects)
+
+
+def with_displacement(geo: torch.Tensor, frame_index: torch.Tensor, object_index: torch.Tensor,
+                      num_objects: int) -> torch.Tensor:
+    """[N_M, 6] :func:`mask_geometry` -> [N_M, GEOMETRY_DIM]: plus each centroid's displacement from its
+    object's first mask frame (the smallest ``frame_index`` of the object)."""
     first = torch.full((num_objects,), torch.iinfo(torch.long).max, dtype=torch.long, device=geo.device)
     first = first.scatter_reduce(0, object_index, frame_index, reduce="amin")
     is_first = frame_index == first[object_index]
@@ -256,6 +262,33 @@ class RegionEncoder(nn.Module):
                 raise ValueError("region geometry needs region_object_index and num_objects")
             geo = region_geometry(weights, self.layout.grid, region_frame_index, region_object_index, num_objects)
             pooled = pooled + self.geometry(geo.to(pooled.dtype))
+        return pooled
+
+    def pool_groups(self, groups: list[tuple[torch.Tensor, Grid, int]], region_masks: torch.Tensor,
+                    group_index: torch.Tensor, frame_index: torch.Tensor, region_object_index: torch.Tensor,
+                    num_objects: int) -> torch.Tensor:
+        """Pooling over feature groups with grids of their own (a pretrained VLM's videos keep their aspect
+        ratio, so each has its own patch grid): ``groups[g] = (features [F_g, rows_g*cols_g, D], (rows_g,
+        cols_g), patch_g)``; mask m (bool [N_M, H, W], zero-padded beyond its group's grid) pools frame
+        ``frame_index[m]`` of group ``group_index[m]``. -> [N_M, D] pooled features in mask order."""
+        pooled = region_masks.new_zeros(len(region_masks), groups[0][0].shape[-1], dtype=groups[0][0].dtype)
+        geo = region_masks.new_zeros(len(region_masks), 6, dtype=torch.float32)
+        for g, (features, grid, patch) in enumerate(groups):
+            rows = (group_index == g).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            if int(frame_index[rows].max()) >= features.shape[0]:
+                raise ModelInputError(f"a region mask is on frame {int(frame_index[rows].max())} of visual {g}, "
+                                      f"which has {features.shape[0]} frames")
+            weights = mask_patch_weights(region_masks[rows], grid, patch, self.pooling)
+            pooled[rows] = pool_regions(features, weights, frame_index[rows])
+            if self.geometry is not None:
+                geo[rows] = mask_geometry(weights, grid)
+        if self.geometry is not None:
+            # Displacement in time order within an object: (group, frame) keys, one group per object.
+            key = group_index * (int(frame_index.max()) + 1) + frame_index
+            full = with_displacement(geo, key, region_object_index, num_objects)
+            pooled = pooled + self.geometry(full.to(pooled.dtype))
         return pooled
 
     def merge(self, pooled: torch.Tensor, region_frame_index: torch.Tensor, region_object_index: torch.Tensor,

@@ -111,3 +111,153 @@ def test_real_shaped_config_at_reduced_depth():
     assert (vision.hidden_size, vision.out_hidden_size, vision.depth, vision.fullatt_block_indexes) == (
         1280, 3584, 2, [1])
     assert q.vl_config("qwen2.5-vl-3b", tokenizer, layers=1).tie_word_embeddings
+
+
+# ------------------------------------------------------------------------------------- the region pathway
+
+MARK = "REGIONSLOT"
+
+
+def _region_model(tiny, max_tokens: int = 2, seed: int = 0):
+    from refvllm.model.layout import TokenLayout
+    from refvllm.model.region import RegionEncoder
+
+    width = tiny["model"].config.text_config.hidden_size
+    layout = TokenLayout(grid=1, spatial_pool=1, temporal_pool=1, region_max_tokens=max_tokens,
+                         region_merge="merge")  # only the region fields count here
+    torch.manual_seed(seed)
+    region = RegionEncoder(width, width, width, layout, patch_size=28)
+    return q.RegionVLM(tiny["model"], region, tiny["tokenizer"].pad_token_id).eval()
+
+
+def _sample(tiny, frames: np.ndarray, fps: float, objects: list[list[tuple[int, torch.Tensor]]],
+            question: str = f"What is {MARK} doing?") -> dict:
+    """One sample as the batch fields of RegionVLM (before collation): ids with the video run expanded and the
+    region runs of ``objects`` (each a list of (frame, mask)) at the question's marks."""
+    from refvllm.constants import REGION_TOKEN_ID
+
+    pixels, grid = q.video_patches(frames, tiny["pre"])
+    tokenizer = tiny["tokenizer"]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}], tokenize=False,
+        add_generation_prompt=True).replace("<|video_pad|>", "<|video_pad|>" * (grid[0] * grid[1] * grid[2] // 4))
+    pieces = text.split(MARK)
+    assert len(pieces) == len(objects) + 1
+    ids = []
+    for k, piece in enumerate(pieces):
+        ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+        if k < len(objects):
+            ids += [REGION_TOKEN_ID] * min(2, len(objects[k]))
+    return {"ids": ids, "pixels": pixels, "grid": grid, "seconds": 2 / fps, "objects": objects}
+
+
+def _collate(samples: list[dict], pad_id: int) -> dict:
+    """Right-padded batch of :func:`_sample` outputs (one video each)."""
+    length = max(len(s["ids"]) for s in samples)
+    ids = torch.full((len(samples), length), pad_id)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(samples):
+        ids[i, : len(s["ids"])] = torch.tensor(s["ids"])
+        mask[i, : len(s["ids"])] = 1
+    masks, visual, frame, obj, obj_sample = [], [], [], [], []
+    height = max(m.shape[0] for s in samples for o in s["objects"] for _, m in o) if any(
+        s["objects"] for s in samples) else 1
+    width = max(m.shape[1] for s in samples for o in s["objects"] for _, m in o) if any(
+        s["objects"] for s in samples) else 1
+    for i, s in enumerate(samples):
+        for o in s["objects"]:
+            for f, m in o:
+                padded = torch.zeros(height, width, dtype=torch.bool)
+                padded[: m.shape[0], : m.shape[1]] = m
+                masks.append(padded)
+                visual.append(i)
+                frame.append(f)
+                obj.append(len(obj_sample))
+            obj_sample.append(i)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat([s["pixels"] for s in samples]),
+            "visual_grid_thw": torch.tensor([s["grid"] for s in samples]),
+            "visual_is_video": torch.ones(len(samples), dtype=torch.bool),
+            "second_per_grid_ts": torch.tensor([s["seconds"] for s in samples]),
+            "region_masks": torch.stack(masks) if masks else torch.zeros(0, height, width, dtype=torch.bool),
+            "region_visual_index": torch.tensor(visual, dtype=torch.long),
+            "region_frame_index": torch.tensor(frame, dtype=torch.long),
+            "region_object_index": torch.tensor(obj, dtype=torch.long),
+            "object_sample_index": torch.tensor(obj_sample, dtype=torch.long)}
+
+
+def _cell_mask(height: int, width: int, row: int, col: int) -> torch.Tensor:
+    """The 28 x 28 pixel cell (row, col) of a frame: exactly one merged token."""
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    mask[row * 28:(row + 1) * 28, col * 28:(col + 1) * 28] = True
+    return mask
+
+
+def test_region_vlm_without_regions_is_the_plain_vlm(tiny):
+    model = _region_model(tiny)
+    sample = _sample(tiny, _frames(4, 56, 84, seed=3), 2.0, [], question="What happens?")
+    batch = _collate([sample], tiny["tokenizer"].pad_token_id)
+    vlm = tiny["model"]
+    with torch.no_grad():
+        ours = model(batch).logits
+        plain = vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["visual_grid_thw"],
+                    second_per_grid_ts=batch["second_per_grid_ts"],
+                    mm_token_type_ids=q.token_types(batch["input_ids"], vlm.config)).logits
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_region_tokens_pool_the_merged_tokens_of_their_token_frame(tiny):
+    """With the MLP an identity, a mask covering exactly one 28-px cell gives that cell's merged token; frames
+    0 and 1 share token frame 0, frame 2 is token frame 1."""
+    from refvllm.constants import REGION_TOKEN_ID
+
+    model = _region_model(tiny)
+    model.region.mlp = torch.nn.Identity()
+    frames = _frames(4, 56, 84, seed=4)
+    objects = [[(0, _cell_mask(56, 84, 0, 1)), (1, _cell_mask(56, 84, 0, 1))], [(2, _cell_mask(56, 84, 1, 2))]]
+    batch = _collate([_sample(tiny, frames, 2.0, objects, question=f"Is {MARK} near {MARK}?")],
+                     tiny["tokenizer"].pad_token_id)
+    with torch.no_grad():
+        embeds, _ = model.embed(batch)
+        merged = model._visuals(batch)[0].reshape(2, 2, 3, -1)  # (token frame, row, col)
+    region = embeds[0, batch["input_ids"][0] == REGION_TOKEN_ID]
+    assert region.shape[0] == 3
+    torch.testing.assert_close(region[0], merged[0, 0, 1])
+    torch.testing.assert_close(region[1], merged[0, 0, 1])  # frame 1: the same token frame
+    torch.testing.assert_close(region[2], merged[1, 1, 2])
+
+
+def test_region_vlm_trains_the_region_encoder_and_changes_the_answer(tiny):
+    from refvllm.constants import IGNORE_INDEX
+
+    model = _region_model(tiny).train()
+    sample = _sample(tiny, _frames(4, 56, 84, seed=5), 2.0, [[(0, _cell_mask(56, 84, 1, 0))]])
+    answer = tiny["tokenizer"]("It moves left.<|im_end|>", add_special_tokens=False)["input_ids"]
+    sample["ids"] += answer
+    batch = _collate([sample], tiny["tokenizer"].pad_token_id)
+    labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+    labels[0, -len(answer):] = torch.tensor(answer)
+    batch["labels"] = labels
+    out = model(batch, logits_at="labels")
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.region.mlp.parameters())
+    full = model(batch).loss  # every position: the same loss
+    torch.testing.assert_close(out.loss, full)
+    with torch.no_grad():
+        ablated = model.eval()(batch, ablate_regions=True).logits
+        kept = model(batch).logits
+    assert not torch.allclose(ablated, kept)
+
+
+def test_batch_of_different_frame_sizes_equals_each_sample_alone(tiny):
+    model = _region_model(tiny)
+    a = _sample(tiny, _frames(4, 56, 84, seed=6), 2.0, [[(1, _cell_mask(56, 84, 1, 1))]])
+    b = _sample(tiny, _frames(2, 84, 56, seed=7), 1.0, [[(0, _cell_mask(84, 56, 2, 0)), (1, _cell_mask(84, 56, 0, 1))]],
+                question=f"Where does {MARK} go next, and why?")
+    pad = tiny["tokenizer"].pad_token_id
+    with torch.no_grad():
+        together = model(_collate([a, b], pad)).logits
+        for i, s in enumerate((a, b)):
+            alone = model(_collate([s], pad)).logits[0]
+            torch.testing.assert_close(together[i, : len(s["ids"])], alone, rtol=1e-4, atol=1e-5)
