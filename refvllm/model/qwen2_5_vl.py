@@ -15,6 +15,7 @@ version is installed; the pieces used exist with the same signatures in 5.17 and
     merged_features(model, pixels, grid_thw)   # the vision pass once -> merged video tokens [sum t*h*w/4, D_llm]
     position_ids(model, input_ids, ...)  # mRoPE ids [3, B, L] from the model's own get_rope_index
     RegionVLM(vlm, region_encoder, pad_token_id)   # the VLM + the region pathway (batch contract: its docstring)
+    language_model_lora(vlm, lora)       # LoRA on the language model's linear layers only (a PeftModel)
 
 Regions are pooled from the merged tokens (after the merger, in the LLM's width): every merged token is one
 28 x 28 pixel cell of one token frame (2 frames), so a mask of frame f pools token frame f // 2 on that grid,
@@ -241,10 +242,28 @@ def video_patches(frames: np.ndarray, pre: Preprocessor) -> tuple[torch.Tensor, 
 # ---------------------------------------------------------------------------------------------- model side
 
 
+def base_vlm(model):
+    """The ``Qwen2_5_VLForConditionalGeneration`` under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def language_model_lora(vlm, lora):
+    """``vlm`` with LoRA (``lora``: refvllm's LoraConfig) on the named linear layers of its language model
+    only: the vision encoder's MLP has layers of the same names (gate_proj, up_proj, down_proj), which stay
+    frozen, as does the merger. Returns the PeftModel; the base weights are frozen by peft."""
+    from peft import LoraConfig, get_peft_model
+
+    names = "|".join(sorted(set(lora.target_modules)))
+    # peft matches a string target as a full-match regex over module names.
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=rf".*\.language_model\..*\.({names})")
+    return get_peft_model(vlm, config)
+
+
 def merged_features(model, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
     """One pass of the VLM's vision encoder and merger: [sum(t*h*w), D_patch] pixels -> [sum(t*h*w)/m^2, D_llm]
     video tokens, in the order the model scatters them (each video's (t, h/m, w/m))."""
-    visual = model.model.visual
+    visual = base_vlm(model).model.visual
     out = visual(pixel_values_videos.to(visual.dtype), grid_thw=video_grid_thw)
     return out.pooler_output if hasattr(out, "pooler_output") else out
 
@@ -266,8 +285,9 @@ def position_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     kwargs = {"input_ids": input_ids, "mm_token_type_ids": token_types(input_ids, model.config),
               "video_grid_thw": video_grid_thw, "second_per_grid_ts": second_per_grid_ts,
               "image_grid_thw": image_grid_thw, "attention_mask": attention_mask}
-    accepted = inspect.signature(model.model.get_rope_index).parameters
-    positions, _ = model.model.get_rope_index(**{k: v for k, v in kwargs.items() if k in accepted})
+    rope_index = base_vlm(model).model.get_rope_index
+    accepted = inspect.signature(rope_index).parameters
+    positions, _ = rope_index(**{k: v for k, v in kwargs.items() if k in accepted})
     return positions
 
 

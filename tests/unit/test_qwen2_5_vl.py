@@ -261,3 +261,39 @@ def test_batch_of_different_frame_sizes_equals_each_sample_alone(tiny):
         for i, s in enumerate((a, b)):
             alone = model(_collate([s], pad)).logits[0]
             torch.testing.assert_close(together[i, : len(s["ids"])], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_on_the_language_model_only_and_a_merge_plain_transformers_loads(tiny, tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from refvllm.config import LoraConfig
+
+    vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny["path"]).eval()
+    peft_vlm = q.language_model_lora(vlm, LoraConfig(r=4, alpha=8, dropout=0.0))
+    adapted = {n for n, _ in peft_vlm.named_modules() if n.endswith(".lora_A")}
+    assert adapted and all(".language_model." in n for n in adapted)
+    assert not any("visual" in n for n, p in peft_vlm.named_parameters() if p.requires_grad)
+    assert {n.split(".")[-2] for n in adapted} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"}
+    model = _region_model(tiny)
+    model.vlm = peft_vlm
+    batch = _collate([_sample(tiny, _frames(4, 56, 84, seed=8), 2.0, [], question="What happens?")],
+                     tiny["tokenizer"].pad_token_id)
+    with torch.no_grad():
+        initial = model(batch).logits
+        for name, p in peft_vlm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)  # a trained adapter
+        trained = model(batch).logits
+    plain_initial = _region_model(tiny)(batch).logits.detach()
+    torch.testing.assert_close(initial, plain_initial)  # LoRA starts at the base model
+    assert not torch.allclose(trained, initial)
+    merged = peft_vlm.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        plain = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["visual_grid_thw"],
+                       second_per_grid_ts=batch["second_per_grid_ts"],
+                       mm_token_type_ids=q.token_types(batch["input_ids"], loaded.config)).logits
+    torch.testing.assert_close(plain, trained, rtol=1e-4, atol=1e-4)
