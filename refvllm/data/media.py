@@ -8,7 +8,7 @@ Contract:
     reader.read([3, 10, 17]) -> uint8 [3, H, W, 3]  # only these frames are converted to RGB
     plan = plan_frames(num_total, T, object_frames) # FramePlan; every kept mask frame is a planned frame
                                                     # frame_budget only if no T frames hit every object
-    resize_frames(frames, S) -> uint8 [n, S, S, 3]  # squash, bilinear
+    resize_frames(frames, S) -> uint8 [n, S, S, 3]  # squash, bilinear; S may be (height, width)
 
 Every unreadable, missing or corrupt input raises :class:`DataError` (categories ``media_not_found``,
 ``media_corrupt``, ``media_empty``, ``media_path``, ``frame_index``, ``frame_order``, ``frame_budget``, ``limit``).
@@ -724,11 +724,17 @@ def _fill_to(frames: list[int], count: int, num_total: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------- resize
 
 
-def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [n, H, W, 3] -> uint8 [n, size, size, 3], squashed (aspect ratio not kept), bilinear (PIL)."""
-    if frames.shape[1:3] == (size, size):
+RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def resize_frames(frames: np.ndarray, size: int | tuple[int, int], resample: str = "bilinear") -> np.ndarray:
+    """uint8 [n, H, W, 3] -> uint8 [n, height, width, 3] (``size``: a side or (height, width)), squashed to
+    it, with PIL's ``resample`` filter (bilinear for the assembled towers; bicubic is what Qwen's processors
+    use)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    if frames.shape[1:3] == (height, width):
         return np.ascontiguousarray(frames)
-    out = np.empty((frames.shape[0], size, size, 3), np.uint8)
+    out = np.empty((frames.shape[0], height, width, 3), np.uint8)
     for j, frame in enumerate(frames):
-        out[j] = np.asarray(Image.fromarray(frame).resize((size, size), Image.BILINEAR))
+        out[j] = np.asarray(Image.fromarray(frame).resize((width, height), RESAMPLING[resample]))
     return out

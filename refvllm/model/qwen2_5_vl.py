@@ -221,12 +221,11 @@ def video_patches(frames: np.ndarray, pre: Preprocessor) -> tuple[torch.Tensor, 
     HF's torchvision video backend resizes with torch's bicubic, a small pixel difference), rescaled to [0, 1],
     normalised, an odd T padded with its last frame, then patches ordered (t, h/m, w/m, m, m) with each row
     (C, tp, p, p). ``h``/``w`` count 14-px patches; the LLM sees t*h*w/m^2 tokens."""
-    from PIL import Image
+    from refvllm.data.media import resize_frames
 
     num, height, width, _ = frames.shape
     new_h, new_w = pre.resized(height, width)
-    if (new_h, new_w) != (height, width):
-        frames = np.stack([np.asarray(Image.fromarray(f).resize((new_w, new_h), Image.BICUBIC)) for f in frames])
+    frames = resize_frames(frames, (new_h, new_w), "bicubic")
     x = frames.astype(np.float32) / 255.0
     x = (x - np.asarray(pre.image_mean, np.float32)) / np.asarray(pre.image_std, np.float32)
     x = x.transpose(0, 3, 1, 2)  # [T, C, H, W]
