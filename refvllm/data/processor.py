@@ -112,15 +112,15 @@ class Processor:
 
         from refvllm.hub import check_model, config_revision, first_line
 
-        spec = load_visual_spec(cfg)
-        path, revision = cfg.model.llm_path, config_revision(cfg, "llm")
+        spec = load_visual_spec(cfg.model)
+        path, revision = cfg.model.llm_path, config_revision(cfg.model, "llm")
         check_model(path, "model.llm_path", revision)  # one clear line for an id neither here nor on the hub
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code,
                                                       revision=revision)
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.llm_path: cannot load a tokenizer from '{path}': {first_line(e)}") from None
-        return cls(tokenizer, make_token_layout(cfg, spec), spec, cfg.data.max_length, cfg.data.num_frames,
+        return cls(tokenizer, make_token_layout(cfg.model, spec), spec, cfg.data.max_length, cfg.data.num_frames,
                    cfg.data.mask_resize)
 
     @property
