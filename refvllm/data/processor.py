@@ -56,7 +56,7 @@ from refvllm.constants import (
 )
 from refvllm.data.types import DecodedSample, Sample, Turn
 from refvllm.errors import ConfigError, DataError
-from refvllm.model.layout import TokenLayout, VisualSpec, load_visual_spec, make_token_layout
+from refvllm.layout import TokenLayout, VisualSpec, load_visual_spec, make_token_layout
 
 _RESERVED = RESERVED_CHARACTER  # markers are built from it, so sample text may not contain it (schema.py)
 _VIS = _RESERVED + "V" + _RESERVED

@@ -24,7 +24,7 @@ from torch import nn
 from refvllm.config import LoraConfig, ModelConfig
 from refvllm.errors import ConfigError
 from refvllm.hub import cached_file, check_model, config_revision, first_line
-from refvllm.model.layout import load_visual_spec, make_token_layout
+from refvllm.layout import load_visual_spec, make_token_layout
 from refvllm.model.refvlm import RefVLM
 from refvllm.model.region import RegionEncoder
 from refvllm.model.vision import Projector, VisionTower

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refvllm.errors import ModelInputError
-from refvllm.model.layout import TokenLayout
+from refvllm.layout import TokenLayout
 from refvllm.model.vision import mlp
 
 POOLING_MODES = ("area", "binary")

@@ -123,8 +123,8 @@ def test_build_and_processor_by_hub_id(offline_cache):
     """In-process: the visual spec, the processor and the model load by hub id from the cache."""
     from refvllm.config import load_config
     from refvllm.data.processor import Processor
+    from refvllm.layout import load_visual_spec
     from refvllm.model.build import build_model
-    from refvllm.model.layout import load_visual_spec
 
     cfg = load_config(None, [f"model.vision_path={VISION_ID}", f"model.llm_path={LLM_ID}", "model.lora.r=2"])
     assert load_visual_spec(cfg.model).image_size == 64

@@ -12,8 +12,8 @@ from refvllm.checkpoint import extra_trainable_names, load_extra_trainables, loa
 from refvllm.config import load_config
 from refvllm.constants import IGNORE_INDEX, REGION_TOKEN_ID, VISUAL_TOKEN_ID
 from refvllm.errors import ConfigError, ModelInputError
+from refvllm.layout import TokenLayout
 from refvllm.model.build import build_model, format_parameter_table, parameter_counts, parameter_groups
-from refvllm.model.layout import TokenLayout
 from refvllm.model.refvlm import count_label_tokens, left_padded
 from refvllm.model.tiny import write_tiny_llm, write_tiny_vision
 from refvllm.model.vision import Projector, VisionTower

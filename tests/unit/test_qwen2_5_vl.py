@@ -119,7 +119,7 @@ MARK = "REGIONSLOT"
 
 
 def _region_model(tiny, max_tokens: int = 2, seed: int = 0):
-    from refvllm.model.layout import TokenLayout
+    from refvllm.layout import TokenLayout
     from refvllm.model.region import RegionEncoder
 
     width = tiny["model"].config.text_config.hidden_size

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from refvllm.errors import ModelInputError
-from refvllm.model.layout import TokenLayout
+from refvllm.layout import TokenLayout
 from refvllm.model.region import (
     RegionEncoder,
     mask_geometry,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from refvllm.config import load_config
+from refvllm.layout import load_visual_spec, make_token_layout
 from refvllm.model import shapes
-from refvllm.model.layout import load_visual_spec, make_token_layout
 from refvllm.model.tiny import DEFAULT_SYSTEM
 
 
