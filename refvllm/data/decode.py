@@ -70,7 +70,8 @@ def decode_sample_report(sample: Sample, data_root: str | os.PathLike, num_frame
         masks, mask_frame, mask_object = _planned_masks(planned.rles, planned.plan, target)
     except DataError as e:
         raise e.with_sample(sample.index, sample.id) from None
-    return DecodedSample(sample, planned.plan, frames, masks, mask_frame, mask_object), planned.areas
+    return (DecodedSample(sample, planned.plan, frames, masks, mask_frame, mask_object, planned.reader.fps),
+            planned.areas)
 
 
 @dataclass

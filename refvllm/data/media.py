@@ -26,6 +26,7 @@ measurement in benchmarks/data_loading.py (figures in docs/performance.md).
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -112,6 +113,7 @@ class VideoFileReader:
         _check_pixels(self.height, self.width, f"video '{self.path}'", limits)
         self._vr = _open_decord(self.path)
         self.num_frames = len(self._vr)
+        self.fps = _valid_fps(self._vr.get_avg_fps())  # frames per second the container states, or None
         self._pos: int | None = 0  # index of the frame the next decord.next() returns; None = unknown
 
     def read(self, indices: list[int]) -> np.ndarray:
@@ -163,6 +165,15 @@ class VideoFileReader:
 
     def _empty(self) -> np.ndarray:
         return np.zeros((0, self.height, self.width, 3), np.uint8)
+
+
+def _valid_fps(value) -> float | None:
+    """A frame rate a container states, or None when it states none usable (0, negative, NaN, infinite)."""
+    try:
+        fps = float(value)
+    except (TypeError, ValueError):
+        return None
+    return fps if math.isfinite(fps) and fps > 0 else None
 
 
 def _open_decord(path: str):
@@ -245,6 +256,7 @@ class FrameFolderReader:
             raise DataError(f"frame folder '{self.path}' has no .jpg/.jpeg/.png files", category="media_empty")
         self.files = [self.path / n for n in _ordered_frame_names(self.path, names)]
         self.num_frames = len(self.files)
+        self.fps = None  # a folder of frames states no frame rate
         self.height, self.width = _image_size(self.files[0])
         _check_pixels(self.height, self.width, f"frame '{self.files[0]}'", limits)
 
@@ -276,6 +288,7 @@ class ImageReader:
     """One image (PIL); a 1-frame clip."""
 
     num_frames = 1
+    fps = None
 
     def __init__(self, path: str | os.PathLike, limits: DataLimits = DEFAULT_LIMITS):
         self.path = Path(path)

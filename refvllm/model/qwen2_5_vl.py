@@ -238,6 +238,20 @@ def video_patches(frames: np.ndarray, pre: Preprocessor) -> tuple[torch.Tensor, 
     return torch.from_numpy(np.ascontiguousarray(x.reshape(t * gh * gw, 3 * tp * p * p))), (t, gh, gw)
 
 
+def seconds_per_token_frame(frame_indices: list[int], fps: float | None, temporal_patch_size: int,
+                            default_fps: float | None = None) -> float:
+    """``second_per_grid_ts`` of a planned clip: ``temporal_patch_size`` x the mean time between its planned
+    frames (the mean stride of ``frame_indices`` in source frames, over ``fps``; a plan that forced mask frames
+    in has uneven strides, and Qwen2.5-VL encodes one interval per video). ``fps`` is the media's (None for
+    frame folders): then ``default_fps``, and with neither a ConfigError (the interval would be a guess)."""
+    rate = fps or default_fps
+    if not rate:
+        raise ConfigError("the media states no frame rate (a folder of frames) and no default is set: the time "
+                          "between frames, which Qwen2.5-VL encodes, is unknown")
+    stride = (frame_indices[-1] - frame_indices[0]) / (len(frame_indices) - 1) if len(frame_indices) > 1 else 1.0
+    return temporal_patch_size * stride / rate
+
+
 # ---------------------------------------------------------------------------------------------- model side
 
 

@@ -297,3 +297,26 @@ def test_lora_on_the_language_model_only_and_a_merge_plain_transformers_loads(ti
                        second_per_grid_ts=batch["second_per_grid_ts"],
                        mm_token_type_ids=q.token_types(batch["input_ids"], loaded.config)).logits
     torch.testing.assert_close(plain, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_media_frame_rate_and_the_time_between_token_frames(tmp_path):
+    from helpers_media import indexed_frames, video_sample, write_frame_folder, write_video
+
+    from refvllm.data.decode import decode_sample
+    from refvllm.data.media import FrameFolderReader, VideoFileReader
+    from refvllm.data.schema import parse_sample
+    from refvllm.errors import ConfigError
+
+    frames = indexed_frames(16, 48, 64)
+    write_video(tmp_path / "v.mp4", frames, fps=10)
+    write_frame_folder(tmp_path / "f", frames[:4])
+    assert VideoFileReader(tmp_path / "v.mp4").fps == pytest.approx(10.0)
+    assert FrameFolderReader(tmp_path / "f").fps is None
+    decoded = decode_sample(parse_sample(video_sample("v.mp4"), 0), tmp_path, 4, 32)
+    assert decoded.fps == pytest.approx(10.0) and decoded.plan.frame_indices == [2, 6, 10, 14]
+    # stride 4 frames at 10 fps = 0.4 s a frame, 0.8 s per token frame of 2
+    assert q.seconds_per_token_frame(decoded.plan.frame_indices, decoded.fps, 2) == pytest.approx(0.8)
+    assert q.seconds_per_token_frame([0, 1, 5], None, 2, default_fps=2.0) == pytest.approx(2.5)
+    assert q.seconds_per_token_frame([3], 5.0, 2) == pytest.approx(0.4)
+    with pytest.raises(ConfigError, match="no frame rate"):
+        q.seconds_per_token_frame([0, 2], None, 2)
