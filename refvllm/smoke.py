@@ -107,7 +107,7 @@ def sample_lengths(cfg: Config, data_file: str | Path, data_root: str | Path) ->
     from refvllm.data.processor import Processor
 
     processor = Processor.from_config(cfg)
-    dataset = RefDataset(data_file, data_root, processor, cfg.data.num_frames, processor.spec.image_size,
+    dataset = RefDataset(data_file, data_root, processor, cfg.data.num_frames, processor.frame_size,
                          cfg.data.mask_resize, cfg.data.index_cache_dir or None, cfg.data.limits)
     lengths = []
     for i in range(len(dataset)):
