@@ -43,7 +43,11 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from refvllm.constants import REGION_TOKEN_ID
-from refvllm.errors import ConfigError, ModelInputError
+from refvllm.data.decode import FrameSize
+from refvllm.data.processor import Processor
+from refvllm.data.types import DecodedSample
+from refvllm.errors import ConfigError, DataError, ModelInputError
+from refvllm.layout import TokenLayout, VisualSpec
 from refvllm.model.refvlm import drop_regions, label_positions, next_token_loss
 from refvllm.model.shapes import QWEN2_5_GENERATION
 
@@ -243,11 +247,12 @@ def seconds_per_token_frame(frame_indices: list[int], fps: float | None, tempora
     """``second_per_grid_ts`` of a planned clip: ``temporal_patch_size`` x the mean time between its planned
     frames (the mean stride of ``frame_indices`` in source frames, over ``fps``; a plan that forced mask frames
     in has uneven strides, and Qwen2.5-VL encodes one interval per video). ``fps`` is the media's (None for
-    frame folders): then ``default_fps``, and with neither a ConfigError (the interval would be a guess)."""
+    frame folders): then ``default_fps``, and with neither a DataError of the sample (category ``frame_rate``:
+    the interval would be a guess)."""
     rate = fps or default_fps
     if not rate:
-        raise ConfigError("the media states no frame rate (a folder of frames) and no default is set: the time "
-                          "between frames, which Qwen2.5-VL encodes, is unknown")
+        raise DataError("the media states no frame rate (a folder of frames?) and no default frame rate is set: "
+                        "the time between frames, which Qwen2.5-VL encodes, is unknown", category="frame_rate")
     stride = (frame_indices[-1] - frame_indices[0]) / (len(frame_indices) - 1) if len(frame_indices) > 1 else 1.0
     return temporal_patch_size * stride / rate
 
@@ -404,3 +409,109 @@ class RegionVLM(nn.Module):
                        use_cache=False, **({} if keep is None else {"logits_to_keep": keep}))
         loss = None if labels is None else next_token_loss(out.logits, labels, keep, loss_normalizer)
         return CausalLMOutputWithPast(loss=loss, logits=out.logits)
+
+
+# ---------------------------------------------------------------------------------------------- processor
+
+
+class VLMProcessor(Processor):
+    """The processor of the Qwen2.5-VL family: the shared text rendering (markers, labels, special-token
+    safety) with the VLM's own visual encoding. Frames are decoded at Qwen's aspect-kept size
+    (:attr:`frame_size`); the visual placeholder becomes ``<|vision_start|>`` + t*h*w/m^2 x ``<|video_pad|>``
+    (``<|image_pad|>`` for an image) + ``<|vision_end|>``; the tensors are :func:`video_patches`' pixels and
+    grid, the time between token frames (:func:`seconds_per_token_frame`) and the masks at the frame size.
+
+    ``encode(decoded)`` returns ``input_ids``, ``labels``, ``pixel_values`` [t*h*w, 1176], ``visual_grid_thw``
+    long [3], ``visual_is_video`` bool, ``second_per_grid_ts`` float, ``region_masks`` bool [M, H', W'],
+    ``region_frame_index``, ``region_object_index``, ``num_objects``, ``sample_index``, ``sample_id``;
+    :func:`collate_vlm` batches them for :class:`RegionVLM`.
+    """
+
+    def __init__(self, tokenizer, layout: TokenLayout, pre: Preprocessor, token_ids: dict[str, int],
+                 max_length: int, num_frames: int, mask_resize: str, default_fps: float | None = None):
+        spec = VisualSpec(0, pre.patch_size, pre.image_mean, pre.image_std)  # no fixed size: frame_size says
+        super().__init__(tokenizer, layout, spec, max_length, num_frames, mask_resize)
+        self.pre, self.token_ids, self.default_fps = pre, token_ids, default_fps
+
+    @classmethod
+    def from_checkpoint(cls, path: str, layout: TokenLayout, max_length: int, num_frames: int,
+                        mask_resize: str = "rescale", default_fps: float | None = None) -> VLMProcessor:
+        """The tokenizer, pixel settings and vision token ids of the local checkpoint ``path``."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(path)
+        ids = {name: int(getattr(config, f"{name}_token_id")) for name in (
+            "vision_start", "vision_end", "image", "video")}
+        return cls(AutoTokenizer.from_pretrained(path), layout,
+                   Preprocessor.from_file(Path(path) / "preprocessor_config.json"), ids, max_length, num_frames,
+                   mask_resize, default_fps)
+
+    @property
+    def frame_size(self) -> FrameSize:
+        return FrameSize(of_media=self.pre.resized, resample="bicubic")
+
+    def _grid(self, decoded: DecodedSample) -> tuple[int, int, int]:
+        frames, p, tp = decoded.frames.shape[0], self.pre.patch_size, self.pre.temporal_patch_size
+        return -(-frames // tp), decoded.frames.shape[1] // p, decoded.frames.shape[2] // p
+
+    def _visual_ids(self, decoded: DecodedSample) -> list[int]:
+        t, h, w = self._grid(decoded)
+        pad = self.token_ids["video" if decoded.sample.media_type == "video" else "image"]
+        count = t * h * w // self.pre.merge_size**2
+        return [self.token_ids["vision_start"], *([pad] * count), self.token_ids["vision_end"]]
+
+    def _visual_tensors(self, decoded: DecodedSample, num_objects: int) -> dict:
+        pixels, grid = video_patches(decoded.frames, self.pre)
+        is_video = decoded.sample.media_type == "video"
+        seconds = (seconds_per_token_frame(decoded.plan.frame_indices, decoded.fps, self.pre.temporal_patch_size,
+                                           self.default_fps) if is_video else 0.0)
+        keep = decoded.mask_object < num_objects
+        return {"pixel_values": pixels, "visual_grid_thw": torch.tensor(grid), "visual_is_video": is_video,
+                "second_per_grid_ts": float(seconds),
+                "region_masks": torch.from_numpy(np.ascontiguousarray(decoded.masks[keep], dtype=bool)),
+                "region_frame_index": torch.from_numpy(decoded.mask_frame[keep].astype(np.int64)),
+                "region_object_index": torch.from_numpy(decoded.mask_object[keep].astype(np.int64)),
+                "num_objects": num_objects}
+
+
+def collate_vlm(items: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
+    """:class:`VLMProcessor` items -> a :class:`RegionVLM` batch: ids/labels/attention padded on
+    ``padding_side``, every visual's patches concatenated in sample order, masks zero-padded to the batch's
+    largest frame size, objects renumbered across the batch."""
+    from refvllm.constants import IGNORE_INDEX
+
+    length = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    mask = torch.zeros_like(ids)
+    for i, it in enumerate(items):
+        n = len(it["input_ids"])
+        cols = slice(length - n, length) if padding_side == "left" else slice(0, n)
+        ids[i, cols], mask[i, cols] = it["input_ids"], 1
+        if "labels" in it:
+            labels[i, cols] = it["labels"]
+    sizes = [it["region_masks"].shape[1:] for it in items]  # an item without masks still has their frame size
+    height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    masks = torch.zeros(sum(it["region_masks"].shape[0] for it in items), height, width, dtype=torch.bool)
+    row, first_object = 0, 0
+    visual_index, object_index, object_sample = [], [], []
+    for i, it in enumerate(items):
+        m = it["region_masks"]
+        masks[row:row + len(m), : m.shape[1], : m.shape[2]] = m
+        row += len(m)
+        visual_index.append(torch.full((len(m),), i, dtype=torch.long))
+        object_index.append(it["region_object_index"] + first_object)
+        object_sample += [i] * it["num_objects"]
+        first_object += it["num_objects"]
+    batch = {"input_ids": ids, "attention_mask": mask,
+             "pixel_values": torch.cat([it["pixel_values"] for it in items]),
+             "visual_grid_thw": torch.stack([it["visual_grid_thw"] for it in items]),
+             "visual_is_video": torch.tensor([it["visual_is_video"] for it in items]),
+             "second_per_grid_ts": torch.tensor([it["second_per_grid_ts"] for it in items], dtype=torch.float32),
+             "region_masks": masks, "region_visual_index": torch.cat(visual_index),
+             "region_frame_index": torch.cat([it["region_frame_index"] for it in items]),
+             "region_object_index": torch.cat(object_index),
+             "object_sample_index": torch.tensor(object_sample, dtype=torch.long)}
+    if any("labels" in it for it in items):
+        batch["labels"] = labels
+    return batch

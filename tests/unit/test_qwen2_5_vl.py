@@ -305,7 +305,7 @@ def test_media_frame_rate_and_the_time_between_token_frames(tmp_path):
     from refvllm.data.decode import decode_sample
     from refvllm.data.media import FrameFolderReader, VideoFileReader
     from refvllm.data.schema import parse_sample
-    from refvllm.errors import ConfigError
+    from refvllm.errors import DataError
 
     frames = indexed_frames(16, 48, 64)
     write_video(tmp_path / "v.mp4", frames, fps=10)
@@ -318,5 +318,88 @@ def test_media_frame_rate_and_the_time_between_token_frames(tmp_path):
     assert q.seconds_per_token_frame(decoded.plan.frame_indices, decoded.fps, 2) == pytest.approx(0.8)
     assert q.seconds_per_token_frame([0, 1, 5], None, 2, default_fps=2.0) == pytest.approx(2.5)
     assert q.seconds_per_token_frame([3], 5.0, 2) == pytest.approx(0.4)
-    with pytest.raises(ConfigError, match="no frame rate"):
+    with pytest.raises(DataError, match="no frame rate") as e:
         q.seconds_per_token_frame([0, 2], None, 2)
+    assert e.value.category == "frame_rate"
+
+
+# ------------------------------------------------------------------------------------------- processor
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from refvllm.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("vl-data")
+    files = generate(root, num_train=6, num_eval=0, seed=0, num_frames=4)
+    return root, files.train_file
+
+
+def _vlm_processor(tiny, num_frames=4):
+    from refvllm.layout import TokenLayout
+
+    layout = TokenLayout(grid=1, spatial_pool=1, temporal_pool=1, region_max_tokens=2, region_merge="merge")
+    # The synthetic videos are frame folders, which state no frame rate: the default stands in.
+    return q.VLMProcessor.from_checkpoint(tiny["path"], layout, max_length=4096, num_frames=num_frames,
+                                          default_fps=2.0)
+
+
+def test_processor_items_run_through_region_vlm_and_the_plain_model_accepts_their_visual_tokens(tiny, synthetic):
+    """Synthetic samples through the data path (decode at Qwen's aspect-kept size, the VLM's own ids and
+    pixels): RegionVLM trains on the batch, and plain transformers, given the same ids (regions ablated to
+    text) and pixels, finds exactly as many visual placeholders as the pixels give tokens."""
+    from refvllm.constants import REGION_TOKEN_ID
+    from refvllm.data.dataset import RefDataset
+
+    processor = _vlm_processor(tiny)
+    root, train_file = synthetic
+    dataset = RefDataset(train_file, root, processor, 4, processor.frame_size, "rescale")
+    items = [dataset[i] for i in range(len(dataset))]
+    assert all(isinstance(it, dict) for it in items), [getattr(it, "reason", None) for it in items]
+    kinds = {bool(it["visual_is_video"]) for it in items}
+    assert kinds == {True, False}  # videos and images both
+    for it in items:
+        t, h, w = it["visual_grid_thw"].tolist()
+        assert it["pixel_values"].shape == (t * h * w, 3 * 2 * 14 * 14)
+        assert it["region_masks"].shape[1:] == (h * 14, w * 14)  # masks at the frame size the model sees
+    model = _region_model(tiny).train()
+    batch = q.collate_vlm(items[:3], processor.pad_token_id)
+    out = model(batch, logits_at="labels")
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.region.mlp[0].weight.grad.abs().sum() > 0
+    vlm = tiny["model"]
+    ids = batch["input_ids"].masked_fill(batch["input_ids"] == REGION_TOKEN_ID, processor.pad_token_id)
+    video = batch["visual_is_video"]
+    rows = batch["visual_grid_thw"].prod(-1)
+    pixels = batch["pixel_values"].split(rows.tolist())
+    with torch.no_grad():
+        for i in range(3):  # one sample at a time: the plain model takes videos and images as separate inputs
+            key = "video" if video[i] else "image"
+            plain = vlm(input_ids=ids[i:i + 1], attention_mask=batch["attention_mask"][i:i + 1],
+                        **{("pixel_values_videos" if video[i] else "pixel_values"): pixels[i],
+                           f"{key}_grid_thw": batch["visual_grid_thw"][i:i + 1]},
+                        **({"second_per_grid_ts": batch["second_per_grid_ts"][i:i + 1]} if video[i] else {}),
+                        mm_token_type_ids=q.token_types(ids[i:i + 1], vlm.config))
+            assert torch.isfinite(plain.logits).all()
+
+
+def test_a_video_without_regions_through_the_processor_equals_the_plain_model(tiny, synthetic):
+    from refvllm.data.decode import decode_sample
+    from refvllm.data.schema import parse_sample
+
+    processor = _vlm_processor(tiny)
+    root, train_file = synthetic
+    raw = next(r for r in json.loads(Path(train_file).read_text()) if "video" in r)
+    raw = {"id": "plain", "video": raw["video"],
+           "conversations": [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "A."}]}
+    decoded = decode_sample(parse_sample(raw, 0), root, 4, processor.frame_size)
+    batch = q.collate_vlm([processor.encode(decoded)], processor.pad_token_id)
+    vlm = tiny["model"]
+    with torch.no_grad():
+        ours = _region_model(tiny)(batch).logits
+        plain = vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["visual_grid_thw"],
+                    second_per_grid_ts=batch["second_per_grid_ts"],
+                    mm_token_type_ids=q.token_types(batch["input_ids"], vlm.config)).logits
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    assert batch["second_per_grid_ts"].item() > 0  # the synthetic video's real frame rate and the plan's stride
