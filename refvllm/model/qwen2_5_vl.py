@@ -342,6 +342,25 @@ class RegionVLM(nn.Module):
     def config(self):
         return self.vlm.config
 
+    # The roles of the assembled family (refvllm.model.build.MODULES), as views of the VLM's own modules, so
+    # the parameter table, per-module learning rates and float32 masters work unchanged. Views, not submodule
+    # attributes: a parameter must be registered once.
+    @property
+    def vision(self) -> ParameterView:
+        """The vision encoder without its merger."""
+        return ParameterView(base_vlm(self.vlm).model.visual, exclude="merger.")
+
+    @property
+    def projector(self) -> ParameterView:
+        """The merger: the VLM's pretrained projector."""
+        return ParameterView(base_vlm(self.vlm).model.visual.merger)
+
+    @property
+    def llm(self) -> ParameterView:
+        """The language model and its head (with their LoRA adapters)."""
+        base = base_vlm(self.vlm)
+        return ParameterView(base.model.language_model, extra=(("lm_head", base.lm_head),))
+
     def _visuals(self, batch: dict) -> list[torch.Tensor]:
         """One vision pass over every visual -> merged tokens per visual [t*h*w/m^2, D]."""
         grids = batch["visual_grid_thw"]
@@ -515,3 +534,78 @@ def collate_vlm(items: list[dict], pad_token_id: int, padding_side: str = "right
     if any("labels" in it for it in items):
         batch["labels"] = labels
     return batch
+
+
+class ParameterView:
+    """``named_parameters``/``parameters`` of a part of a model: ``module`` without the parameters under
+    ``exclude`` (a name prefix), plus ``extra`` (name, module) pairs; tied weights appear once."""
+
+    def __init__(self, module: nn.Module, exclude: str | None = None,
+                 extra: tuple[tuple[str, nn.Module], ...] = ()):
+        self.module, self.exclude, self.extra = module, exclude, extra
+
+    def named_parameters(self):
+        seen = set()
+        parts = (("", self.module), *self.extra)
+        for prefix, module in parts:
+            for name, p in module.named_parameters():
+                full = f"{prefix}.{name}" if prefix else name
+                if (self.exclude and full.startswith(self.exclude)) or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                yield full, p
+
+    def parameters(self):
+        return (p for _, p in self.named_parameters())
+
+
+def build_region_vlm(path: str, model, dtype: torch.dtype = torch.float32, float32_masters: bool = False,
+                     revision: str | None = None) -> RegionVLM:
+    """A :class:`RegionVLM` on the Qwen2.5-VL at ``path`` (local directory or hub id) for the model config
+    ``model`` (``cfg.model``: ``train_vision``/``train_projector`` frozen|full, ``train_llm``
+    lora|full|frozen with ``lora``, ``region`` (pooling, geometry, hidden size, max tokens, merge, dropout),
+    ``attn_implementation``, ``gradient_checkpointing``). The region encoder maps the merged tokens' width to
+    the LLM's; everything pretrained keeps ``dtype``; with ``float32_masters`` (training) every trainable
+    parameter is float32."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from refvllm.hub import first_line
+    from refvllm.model.build import _enable_checkpointing, use_float32_masters
+    from refvllm.model.region import RegionEncoder
+
+    try:
+        vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, attn_implementation=model.attn_implementation, revision=revision)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.vlm_path: cannot load a Qwen2.5-VL from '{path}': {first_line(e)}") from None
+    for mode, key in ((model.train_vision, "train_vision"), (model.train_projector, "train_projector")):
+        if mode not in ("frozen", "full"):
+            raise ConfigError(f"model.{key}={mode}: a pretrained VLM's vision encoder and merger are frozen or full")
+    vlm.requires_grad_(False)
+    visual = vlm.model.visual
+    for name, p in visual.named_parameters():
+        p.requires_grad_((model.train_projector if name.startswith("merger.") else model.train_vision) == "full")
+    if model.train_llm == "full":
+        vlm.model.language_model.requires_grad_(True)
+        vlm.lm_head.requires_grad_(True)
+    if model.gradient_checkpointing:
+        _enable_checkpointing(vlm)
+    if model.train_llm == "lora":
+        trainable = {n for n, p in vlm.named_parameters() if p.requires_grad}
+        vlm = language_model_lora(vlm, model.lora)
+        for n, p in base_vlm(vlm).named_parameters():  # peft froze every base weight: restore the chosen ones
+            if n in trainable:
+                p.requires_grad_(True)
+    width = vlm.config.text_config.hidden_size
+    layout = TokenLayout(grid=1, spatial_pool=1, temporal_pool=1, region_max_tokens=model.region.max_tokens,
+                         region_merge=model.region.merge)  # the region rule only; visual counts come from grids
+    patch = vlm.config.vision_config.patch_size * vlm.config.vision_config.spatial_merge_size
+    region = RegionEncoder(width, width, model.region.hidden_size or width, layout, patch, model.region.pooling,
+                           model.region.geometry)
+    region.requires_grad_(model.train_region == "full")
+    pad = vlm.config.text_config.pad_token_id
+    out = RegionVLM(vlm, region, int(pad if pad is not None else vlm.config.text_config.eos_token_id),
+                    model.region.dropout)
+    if float32_masters:
+        use_float32_masters(out)
+    return out

@@ -403,3 +403,25 @@ def test_a_video_without_regions_through_the_processor_equals_the_plain_model(ti
                     mm_token_type_ids=q.token_types(batch["input_ids"], vlm.config)).logits
     torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
     assert batch["second_per_grid_ts"].item() > 0  # the synthetic video's real frame rate and the plan's stride
+
+
+def test_build_region_vlm_trainability_roles_and_masters(tiny):
+    from refvllm.config import load_config
+    from refvllm.model.build import parameter_counts, parameter_groups
+
+    model_cfg = load_config(None, ["model.train_projector=frozen", "model.lora.r=4", "model.lora.alpha=8",
+                                   "model.region.max_tokens=2"]).model
+    model = q.build_region_vlm(tiny["path"], model_cfg, dtype=torch.bfloat16, float32_masters=True)
+    counts = parameter_counts(model)
+    assert counts["vision"]["trainable"] == counts["projector"]["trainable"] == 0
+    assert 0 < counts["llm"]["trainable"] < counts["llm"]["total"]  # the adapters
+    assert counts["region"]["trainable"] == counts["region"]["total"] > 0
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(c["total"] for c in counts.values()) == total  # every parameter in exactly one role
+    assert counts["llm"]["dtypes"] == "float32 trainable, bfloat16 frozen"
+    groups = parameter_groups(model)
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad and n.startswith("vlm."))
+    assert {k for k, v in groups.items() if v} == {"llm", "region"}
+    merger_full = q.build_region_vlm(tiny["path"], load_config(None, ["model.lora.r=4"]).model)
+    assert parameter_counts(merger_full)["projector"]["trainable"] == parameter_counts(merger_full)["projector"][
+        "total"]  # train_projector=full (the assembled family's default) trains the merger
