@@ -429,6 +429,30 @@ class RegionVLM(nn.Module):
         loss = None if labels is None else next_token_loss(out.logits, labels, keep, loss_normalizer)
         return CausalLMOutputWithPast(loss=loss, logits=out.logits)
 
+    @torch.no_grad()
+    def generate(self, batch: dict, ablate_regions: bool = False, **generation_kwargs) -> torch.Tensor:
+        """New token ids [B, new] for a LEFT-padded batch, KV cache on. The VLM's own generate runs on our
+        embeddings with the ids beside them (regions as text) and the grids, so its first step computes the
+        mRoPE positions and their offset for the decoding steps exactly as for its own prompts; no pixels go in
+        (the vision pass already ran)."""
+        mask = batch["attention_mask"]
+        if mask.shape[0] > 1 and bool((mask[:, -1] == 0).any()):
+            raise ModelInputError("generate needs a left-padded batch (collate_vlm(..., padding_side='left'))")
+        embeds, _ = self.embed(batch, ablate_regions)
+        ids = batch["input_ids"].masked_fill(batch["input_ids"] == REGION_TOKEN_ID, self.pad_token_id)
+        grids, is_video = batch["visual_grid_thw"], batch["visual_is_video"]
+        visual = {"mm_token_type_ids": token_types(ids, self.config)}
+        if is_video.any():
+            visual.update(video_grid_thw=grids[is_video], second_per_grid_ts=batch["second_per_grid_ts"][is_video])
+        if (~is_video).any():
+            visual["image_grid_thw"] = grids[~is_video]
+        base_vlm(self.vlm).model.rope_deltas = None  # no offsets left from an earlier prompt
+        generation_kwargs.setdefault("use_cache", True)
+        generation_kwargs.setdefault("pad_token_id", self.pad_token_id)
+        out = self.vlm.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, **visual,
+                                **generation_kwargs)
+        return out[:, ids.shape[1]:]  # given ids, generate returns the prompt too
+
 
 # ---------------------------------------------------------------------------------------------- processor
 

@@ -335,6 +335,12 @@ def synthetic(tmp_path_factory):
     return root, files.train_file
 
 
+def _without_regions(record: dict) -> dict:
+    """A video sample of ``record``'s video with a question about no object."""
+    return {"id": "plain", "video": record["video"], "conversations": [
+        {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "A."}]}
+
+
 def _vlm_processor(tiny, num_frames=4):
     from refvllm.layout import TokenLayout
 
@@ -389,9 +395,7 @@ def test_a_video_without_regions_through_the_processor_equals_the_plain_model(ti
 
     processor = _vlm_processor(tiny)
     root, train_file = synthetic
-    raw = next(r for r in json.loads(Path(train_file).read_text()) if "video" in r)
-    raw = {"id": "plain", "video": raw["video"],
-           "conversations": [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "A."}]}
+    raw = _without_regions(next(r for r in json.loads(Path(train_file).read_text()) if "video" in r))
     decoded = decode_sample(parse_sample(raw, 0), root, 4, processor.frame_size)
     batch = q.collate_vlm([processor.encode(decoded)], processor.pad_token_id)
     vlm = tiny["model"]
@@ -425,3 +429,34 @@ def test_build_region_vlm_trainability_roles_and_masters(tiny):
     merger_full = q.build_region_vlm(tiny["path"], load_config(None, ["model.lora.r=4"]).model)
     assert parameter_counts(merger_full)["projector"]["trainable"] == parameter_counts(merger_full)["projector"][
         "total"]  # train_projector=full (the assembled family's default) trains the merger
+
+
+def test_generation_equals_plain_transformers_and_batching_keeps_answers(tiny, synthetic):
+    """Greedy generation through RegionVLM (our embeddings, the VLM's own generate and positions) gives the
+    tokens of plain transformers' generate on the same prompt and pixels; batched left-padded prompts give
+    what they give alone."""
+    from refvllm.data.decode import decode_sample
+    from refvllm.data.schema import parse_sample
+
+    processor = _vlm_processor(tiny)
+    root, train_file = synthetic
+    records = json.loads(Path(train_file).read_text())
+    video = next(r for r in records if "video" in r)
+    plain_raw = _without_regions(video)
+    prompts = [processor.encode_prompt(decode_sample(parse_sample(raw, i), root, 4, processor.frame_size))
+               for i, raw in enumerate([plain_raw, video])]
+    model = _region_model(tiny)
+    vlm = tiny["model"]
+    greedy = {"max_new_tokens": 6, "do_sample": False, "repetition_penalty": 1.0, "top_k": None, "top_p": None,
+              "temperature": None}
+    alone = [model.generate(q.collate_vlm([p], processor.pad_token_id, "left"), **greedy)[0] for p in prompts]
+    batch = q.collate_vlm([prompts[0]], processor.pad_token_id, "left")
+    with torch.no_grad():
+        plain = vlm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["visual_grid_thw"],
+                             second_per_grid_ts=batch["second_per_grid_ts"],
+                             mm_token_type_ids=q.token_types(batch["input_ids"], vlm.config), **greedy)
+    assert alone[0].tolist() == plain[0, batch["input_ids"].shape[1]:].tolist()
+    together = model.generate(q.collate_vlm(prompts, processor.pad_token_id, "left"), **greedy)
+    for i in range(2):
+        assert together[i, : len(alone[i])].tolist() == alone[i].tolist()
