@@ -78,7 +78,7 @@ def child(mode: str, checkpointing: bool, vision: str, llm: str) -> None:
     torch.manual_seed(0)
     cfg = load_config(None, [f"model.vision_path={vision}", f"model.llm_path={llm}", "model.dtype=float32",
                              f"model.gradient_checkpointing={str(checkpointing).lower()}"])
-    model = build_model(cfg, print_table=False).train()
+    model = build_model(cfg.model, print_table=False).train()
     batch = make_batch(model, 384)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     times, losses = [], []

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from refvllm.model.layout import TokenLayout
+from refvllm.layout import TokenLayout
 from refvllm.model.region import RegionEncoder, mask_patch_weights
 
 

@@ -230,7 +230,7 @@ def load_for_inference(path: str | os.PathLike, overrides: list[str] | None = No
     from refvllm.model.build import build_model
 
     cfg = load_config_of(path, overrides)
-    model = build_model(cfg, print_table=False)
+    model = build_model(cfg.model, print_table=False)
     load_trained_weights(model, path)
     model.eval()
     return cfg, model, Processor.from_config(cfg)

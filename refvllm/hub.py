@@ -177,7 +177,7 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
     return snapshot if snapshot.is_dir() else None
 
 
-def config_revision(cfg, which: str) -> str | None:
-    """The revision pinning ``model.{which}_path`` (``which``: "vision" or "llm"): the config's
-    ``model.{which}_revision`` where the config has that key, else None (the hub's ``main``)."""
-    return getattr(cfg.model, f"{which}_revision", None) or None
+def config_revision(model, which: str) -> str | None:
+    """The revision pinning ``model.{which}_path`` (``which``: "vision" or "llm"; ``model``: the model config,
+    ``cfg.model``): its ``{which}_revision`` where it has that key, else None (the hub's ``main``)."""
+    return getattr(model, f"{which}_revision", None) or None

@@ -135,7 +135,7 @@ def prepare_prompt(processor, sample: Sample, data_root: str | Path) -> dict:
     (up to the last user turn). Returns :meth:`Processor.encode_prompt`'s dict; DataError naming the sample."""
     from refvllm.data.decode import decode_sample
 
-    decoded = decode_sample(sample, data_root, processor.num_frames, processor.spec.image_size,
+    decoded = decode_sample(sample, data_root, processor.num_frames, processor.frame_size,
                             processor.mask_resize)
     return processor.encode_prompt(decoded)
 

@@ -107,7 +107,7 @@ def sample_lengths(cfg: Config, data_file: str | Path, data_root: str | Path) ->
     from refvllm.data.processor import Processor
 
     processor = Processor.from_config(cfg)
-    dataset = RefDataset(data_file, data_root, processor, cfg.data.num_frames, processor.spec.image_size,
+    dataset = RefDataset(data_file, data_root, processor, cfg.data.num_frames, processor.frame_size,
                          cfg.data.mask_resize, cfg.data.index_cache_dir or None, cfg.data.limits)
     lengths = []
     for i in range(len(dataset)):
@@ -175,7 +175,7 @@ def stage_checkpoints(s: Smoke) -> str:
     if s.args.as_is:
         from refvllm.model.build import ensure_tiny_checkpoints
 
-        ensure_tiny_checkpoints(cfg)  # model.tiny: the data stage needs them before training would write them
+        ensure_tiny_checkpoints(cfg.model)  # model.tiny: the data stage needs them before training would write them
         return f"the config's checkpoints: {cfg.model.vision_path} + {cfg.model.llm_path}"
     vision = s.args.vision_shape or shapes.vision_shape_for(cfg.model.vision_path)
     llm = s.args.llm_shape or shapes.llm_shape_for(cfg.model.llm_path)
@@ -222,7 +222,7 @@ def place_in_hub_cache(s: Smoke, cfg: Config, written: dict[str, str]) -> str:
         repo_id = getattr(cfg.model, f"{which}_path")
         if is_local(repo_id) or repo_id.count("/") != 1:
             raise ConfigError(f"--hub needs hub ids ('org/name') in model.{which}_path, got '{repo_id}'")
-        revision = config_revision(cfg, which) or "main"
+        revision = config_revision(cfg.model, which) or "main"
         write_snapshot(cache, repo_id, written[which], revision)
         placed.append(f"{repo_id}@{revision}")
     s.local_models = {"model.vision_path": written["vision"], "model.llm_path": written["llm"]}

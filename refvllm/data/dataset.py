@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from refvllm.config import Config
-from refvllm.data.decode import decode_sample
+from refvllm.data.decode import FrameSize, as_frame_size, decode_sample
 from refvllm.data.index import SampleIndex
 from refvllm.data.limits import DEFAULT_LIMITS, DataLimits
 from refvllm.data.processor import Processor
@@ -53,10 +53,10 @@ class RefDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data_file: str | os.PathLike, data_root: str | os.PathLike, processor: Processor,
-                 num_frames: int, image_size: int, mask_resize: str, cache_dir: str | os.PathLike | None = None,
-                 limits: DataLimits = DEFAULT_LIMITS):
-        if image_size != processor.spec.image_size:
-            raise ConfigError(f"image_size {image_size} differs from the vision tower's {processor.spec.image_size}")
+                 num_frames: int, image_size: int | FrameSize, mask_resize: str,
+                 cache_dir: str | os.PathLike | None = None, limits: DataLimits = DEFAULT_LIMITS):
+        if as_frame_size(image_size) != processor.frame_size:
+            raise ConfigError(f"frame size {image_size} differs from the processor's {processor.frame_size}")
         self.data_file = str(data_file)
         self.data_root = str(data_root)
         self.processor = processor
@@ -74,7 +74,7 @@ class RefDataset(torch.utils.data.Dataset):
         if not data_file:
             raise ConfigError("config key 'data.train_file' is empty")
         root = cfg.data.data_root or str(Path(data_file).parent)
-        return cls(data_file, root, processor, cfg.data.num_frames, processor.spec.image_size,
+        return cls(data_file, root, processor, cfg.data.num_frames, processor.frame_size,
                    cfg.data.mask_resize, cfg.data.index_cache_dir or None, cfg.data.limits)
 
     def __len__(self) -> int:

@@ -3,6 +3,7 @@
 Contract:
 
     decoded = decode_sample(sample, data_root, num_frames, image_size, mask_resize="rescale", limits=DataLimits())
+        # image_size: a side S (frames and masks S x S), or a FrameSize (a size from the media's, a filter)
     decoded, areas = decode_sample_report(...)   # + per object {frame: mask pixel count at media resolution}
     planned = plan_sample(sample, data_root, num_frames, mask_resize, limits)  # reader, plan, RLEs; no pixels
 
@@ -19,6 +20,7 @@ and the masks' pixels and the polygons' complexity before anything is decoded.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,24 +32,46 @@ from refvllm.data.types import DecodedSample, FramePlan, Sample
 from refvllm.errors import DataError
 
 
-def decode_sample(sample: Sample, data_root: str | os.PathLike, num_frames: int, image_size: int,
+@dataclass(frozen=True)
+class FrameSize:
+    """The frame size a model family wants: a square ``side`` (the assembled towers squash every frame to
+    it), or ``of_media(height, width) -> (height, width)`` (a pretrained VLM that keeps the aspect ratio,
+    e.g. Qwen's smart_resize); frames are resized with PIL's ``resample`` filter, masks with "any coverage"."""
+
+    side: int = 0
+    of_media: Callable[[int, int], tuple[int, int]] | None = None
+    resample: str = "bilinear"
+
+    def target(self, height: int, width: int) -> tuple[int, int]:
+        return self.of_media(height, width) if self.of_media is not None else (self.side, self.side)
+
+
+def as_frame_size(image_size: int | FrameSize) -> FrameSize:
+    return image_size if isinstance(image_size, FrameSize) else FrameSize(side=int(image_size))
+
+
+def decode_sample(sample: Sample, data_root: str | os.PathLike, num_frames: int, image_size: int | FrameSize,
                   mask_resize: str = "rescale", limits: DataLimits = DEFAULT_LIMITS) -> DecodedSample:
-    """frames uint8 [F, S, S, 3], masks bool [M, S, S] (object-major, then time), see DecodedSample."""
+    """frames uint8 [F, S, S, 3], masks bool [M, S, S] (object-major, then time), see DecodedSample; with a
+    :class:`FrameSize`, [F, H', W', 3] and [M, H', W'] at its target for the media's size."""
     return decode_sample_report(sample, data_root, num_frames, image_size, mask_resize, limits)[0]
 
 
-def decode_sample_report(sample: Sample, data_root: str | os.PathLike, num_frames: int, image_size: int,
-                         mask_resize: str = "rescale", limits: DataLimits = DEFAULT_LIMITS
+def decode_sample_report(sample: Sample, data_root: str | os.PathLike, num_frames: int,
+                         image_size: int | FrameSize, mask_resize: str = "rescale", limits: DataLimits = DEFAULT_LIMITS
                          ) -> tuple[DecodedSample, list[dict[int, int]]]:
     """:func:`decode_sample` plus, per object, ``{frame: mask pixel count at the media's resolution}`` for every
     frame with a non-null segmentation (planned or not)."""
     planned = plan_sample(sample, data_root, num_frames, mask_resize, limits)
+    size = as_frame_size(image_size)
+    target = size.target(planned.reader.height, planned.reader.width)
     try:
-        frames = resize_frames(planned.reader.read(planned.plan.frame_indices), image_size)
-        masks, mask_frame, mask_object = _planned_masks(planned.rles, planned.plan, image_size)
+        frames = resize_frames(planned.reader.read(planned.plan.frame_indices), target, size.resample)
+        masks, mask_frame, mask_object = _planned_masks(planned.rles, planned.plan, target)
     except DataError as e:
         raise e.with_sample(sample.index, sample.id) from None
-    return DecodedSample(sample, planned.plan, frames, masks, mask_frame, mask_object), planned.areas
+    return (DecodedSample(sample, planned.plan, frames, masks, mask_frame, mask_object, planned.reader.fps),
+            planned.areas)
 
 
 @dataclass
@@ -94,9 +118,9 @@ def _non_empty_frames(areas: list[dict[int, int]]) -> list[list[int]]:
     return frames
 
 
-def _planned_masks(rles: list[dict[int, dict]], plan: FramePlan, size: int
+def _planned_masks(rles: list[dict[int, dict]], plan: FramePlan, size: tuple[int, int]
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """masks bool [M, S, S], mask_frame int64 [M] (row in plan.frame_indices), mask_object int64 [M]."""
+    """masks bool [M, H', W'], mask_frame int64 [M] (row in plan.frame_indices), mask_object int64 [M]."""
     row = {f: j for j, f in enumerate(plan.frame_indices)}
     masks, mask_frame, mask_object = [], [], []
     for k, frames in enumerate(plan.object_frames):
@@ -104,5 +128,5 @@ def _planned_masks(rles: list[dict[int, dict]], plan: FramePlan, size: int
             masks.append(resize_rle_any(rles[k][f], size))
             mask_frame.append(row[f])
             mask_object.append(k)
-    stacked = np.stack(masks) if masks else np.zeros((0, size, size), bool)
+    stacked = np.stack(masks) if masks else np.zeros((0, *size), bool)
     return stacked, np.asarray(mask_frame, np.int64), np.asarray(mask_object, np.int64)

@@ -7,6 +7,7 @@ Contract:
     rle_area(rle) -> int                   # pixel count, without decoding
     decode_mask(seg, height, width)        # bool [height, width]
     resize_mask_any(mask, size)            # bool [size, size], "any coverage": non-empty stays non-empty
+                                           # (size: a side, or (height, width): every resize here takes both)
 
 Every malformed input raises :class:`DataError` with a category (``rle_malformed``, ``polygon_malformed``,
 ``segmentation_type``, ``mask_size``, ``limit``). pycocotools' C code trusts its input (a compressed RLE whose
@@ -350,8 +351,14 @@ def _axis_map(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.searchsorted(centres, np.arange(n), "left"), np.searchsorted(centres, np.arange(n), "right") - 1
 
 
-def resize_rle_any(rle: dict, size: int) -> np.ndarray:
-    """bool [size, size]: exactly ``resize_mask_any(decode_rle(rle), size)``, computed from the runs.
+def target_size(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a square side or a (height, width) pair."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def resize_rle_any(rle: dict, size: int | tuple[int, int]) -> np.ndarray:
+    """bool [height, width] of :func:`target_size`: exactly ``resize_mask_any(decode_rle(rle), size)``,
+    computed from the runs.
 
     Each run of ones (column-major) covers at most three rectangles of the source (its first partial column,
     whole columns, its last partial column); each maps to a rectangle of the target, and the union is painted
@@ -362,14 +369,15 @@ def resize_rle_any(rle: dict, size: int) -> np.ndarray:
     ends = np.cumsum(rle_counts_from_string(rle["counts"]))
     starts, stops = ends[0:-1:2], ends[1::2]  # runs of ones: [start, stop) in column-major order
     rects = run_rectangles(starts[stops > starts], stops[stops > starts], h)
-    row_lo, row_hi = _axis_map(h, size)
-    col_lo, col_hi = _axis_map(w, size)
+    out_h, out_w = target_size(size)
+    row_lo, row_hi = _axis_map(h, out_h)
+    col_lo, col_hi = _axis_map(w, out_w)
     top, bottom = row_lo[rects[:, 0]], row_hi[rects[:, 1]] + 1
     left, right = col_lo[rects[:, 2]], col_hi[rects[:, 3]] + 1
-    diff = np.zeros((size + 1, size + 1), np.int32)
+    diff = np.zeros((out_h + 1, out_w + 1), np.int32)
     for rows, cols, sign in ((top, left, 1), (top, right, -1), (bottom, left, -1), (bottom, right, 1)):
         np.add.at(diff, (rows, cols), sign)
-    return diff.cumsum(0).cumsum(1)[:size, :size] > 0
+    return diff.cumsum(0).cumsum(1)[:out_h, :out_w] > 0
 
 
 def run_rectangles(starts: np.ndarray, stops: np.ndarray, height: int) -> np.ndarray:
@@ -405,8 +413,8 @@ def _any_axis(mask: np.ndarray, size: int, axis: int) -> np.ndarray:
     return np.take(mask, centres, axis=axis)
 
 
-def resize_mask_any(mask: np.ndarray, size: int) -> np.ndarray:
-    """bool [H, W] -> bool [size, size], squashing like the frames.
+def resize_mask_any(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """bool [H, W] -> bool [height, width] of :func:`target_size`, squashing like the frames.
 
     A target pixel is set when any source pixel mapped into it is set (downsampling partitions the source
     pixels among the target pixels; upsampling samples pixel centres), so a non-empty mask never becomes empty.
@@ -414,7 +422,8 @@ def resize_mask_any(mask: np.ndarray, size: int) -> np.ndarray:
     """
     if mask.ndim != 2:
         raise ValueError(f"resize_mask_any expects a 2-D mask, got shape {mask.shape}")
-    return np.ascontiguousarray(_any_axis(_any_axis(mask.astype(bool, copy=False), size, 0), size, 1))
+    out_h, out_w = target_size(size)
+    return np.ascontiguousarray(_any_axis(_any_axis(mask.astype(bool, copy=False), out_h, 0), out_w, 1))
 
 
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:

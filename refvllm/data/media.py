@@ -8,7 +8,7 @@ Contract:
     reader.read([3, 10, 17]) -> uint8 [3, H, W, 3]  # only these frames are converted to RGB
     plan = plan_frames(num_total, T, object_frames) # FramePlan; every kept mask frame is a planned frame
                                                     # frame_budget only if no T frames hit every object
-    resize_frames(frames, S) -> uint8 [n, S, S, 3]  # squash, bilinear
+    resize_frames(frames, S) -> uint8 [n, S, S, 3]  # squash, bilinear; S may be (height, width)
 
 Every unreadable, missing or corrupt input raises :class:`DataError` (categories ``media_not_found``,
 ``media_corrupt``, ``media_empty``, ``media_path``, ``frame_index``, ``frame_order``, ``frame_budget``, ``limit``).
@@ -26,6 +26,7 @@ measurement in benchmarks/data_loading.py (figures in docs/performance.md).
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -112,6 +113,7 @@ class VideoFileReader:
         _check_pixels(self.height, self.width, f"video '{self.path}'", limits)
         self._vr = _open_decord(self.path)
         self.num_frames = len(self._vr)
+        self.fps = _valid_fps(self._vr.get_avg_fps())  # frames per second the container states, or None
         self._pos: int | None = 0  # index of the frame the next decord.next() returns; None = unknown
 
     def read(self, indices: list[int]) -> np.ndarray:
@@ -163,6 +165,15 @@ class VideoFileReader:
 
     def _empty(self) -> np.ndarray:
         return np.zeros((0, self.height, self.width, 3), np.uint8)
+
+
+def _valid_fps(value) -> float | None:
+    """A frame rate a container states, or None when it states none usable (0, negative, NaN, infinite)."""
+    try:
+        fps = float(value)
+    except (TypeError, ValueError):
+        return None
+    return fps if math.isfinite(fps) and fps > 0 else None
 
 
 def _open_decord(path: str):
@@ -245,6 +256,7 @@ class FrameFolderReader:
             raise DataError(f"frame folder '{self.path}' has no .jpg/.jpeg/.png files", category="media_empty")
         self.files = [self.path / n for n in _ordered_frame_names(self.path, names)]
         self.num_frames = len(self.files)
+        self.fps = None  # a folder of frames states no frame rate
         self.height, self.width = _image_size(self.files[0])
         _check_pixels(self.height, self.width, f"frame '{self.files[0]}'", limits)
 
@@ -276,6 +288,7 @@ class ImageReader:
     """One image (PIL); a 1-frame clip."""
 
     num_frames = 1
+    fps = None
 
     def __init__(self, path: str | os.PathLike, limits: DataLimits = DEFAULT_LIMITS):
         self.path = Path(path)
@@ -724,11 +737,17 @@ def _fill_to(frames: list[int], count: int, num_total: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------- resize
 
 
-def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [n, H, W, 3] -> uint8 [n, size, size, 3], squashed (aspect ratio not kept), bilinear (PIL)."""
-    if frames.shape[1:3] == (size, size):
+RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def resize_frames(frames: np.ndarray, size: int | tuple[int, int], resample: str = "bilinear") -> np.ndarray:
+    """uint8 [n, H, W, 3] -> uint8 [n, height, width, 3] (``size``: a side or (height, width)), squashed to
+    it, with PIL's ``resample`` filter (bilinear for the assembled towers; bicubic is what Qwen's processors
+    use)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    if frames.shape[1:3] == (height, width):
         return np.ascontiguousarray(frames)
-    out = np.empty((frames.shape[0], size, size, 3), np.uint8)
+    out = np.empty((frames.shape[0], height, width, 3), np.uint8)
     for j, frame in enumerate(frames):
-        out[j] = np.asarray(Image.fromarray(frame).resize((size, size), Image.BILINEAR))
+        out[j] = np.asarray(Image.fromarray(frame).resize((width, height), RESAMPLING[resample]))
     return out

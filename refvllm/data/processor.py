@@ -54,9 +54,10 @@ from refvllm.constants import (
     VIDEO_PLACEHOLDER,
     VISUAL_TOKEN_ID,
 )
+from refvllm.data.decode import FrameSize
 from refvllm.data.types import DecodedSample, Sample, Turn
 from refvllm.errors import ConfigError, DataError
-from refvllm.model.layout import TokenLayout, VisualSpec, load_visual_spec, make_token_layout
+from refvllm.layout import TokenLayout, VisualSpec, load_visual_spec, make_token_layout
 
 _RESERVED = RESERVED_CHARACTER  # markers are built from it, so sample text may not contain it (schema.py)
 _VIS = _RESERVED + "V" + _RESERVED
@@ -112,16 +113,22 @@ class Processor:
 
         from refvllm.hub import check_model, config_revision, first_line
 
-        spec = load_visual_spec(cfg)
-        path, revision = cfg.model.llm_path, config_revision(cfg, "llm")
+        spec = load_visual_spec(cfg.model)
+        path, revision = cfg.model.llm_path, config_revision(cfg.model, "llm")
         check_model(path, "model.llm_path", revision)  # one clear line for an id neither here nor on the hub
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code,
                                                       revision=revision)
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.llm_path: cannot load a tokenizer from '{path}': {first_line(e)}") from None
-        return cls(tokenizer, make_token_layout(cfg, spec), spec, cfg.data.max_length, cfg.data.num_frames,
+        return cls(tokenizer, make_token_layout(cfg.model, spec), spec, cfg.data.max_length, cfg.data.num_frames,
                    cfg.data.mask_resize)
+
+    @property
+    def frame_size(self) -> FrameSize:
+        """The frame size decoding must produce for this processor: the tower's square ``image_size`` here
+        (a pretrained VLM's processor keeps the aspect ratio)."""
+        return FrameSize(side=self.spec.image_size)
 
     @property
     def pad_token_id(self) -> int:
@@ -246,9 +253,9 @@ class Processor:
         region, in_answer, want_end = 0, False, False
         for marker, tokens in zip(markers, token_lists, strict=True):
             if marker == _VIS:
-                n = self.layout.num_visual_tokens(decoded.frames.shape[0])
-                ids += [VISUAL_TOKEN_ID] * n
-                labels += [IGNORE_INDEX] * n
+                visual = self._visual_ids(decoded)
+                ids += visual
+                labels += [IGNORE_INDEX] * len(visual)
             elif marker == _REG:
                 n = self.layout.num_region_tokens(len(decoded.plan.object_frames[region]))
                 ids += [REGION_TOKEN_ID] * n
@@ -269,6 +276,11 @@ class Processor:
         if len(ids) > self.max_length:
             raise _error(sample, f"{len(ids)} tokens > max_length {self.max_length}", "too_long")
         return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+    def _visual_ids(self, decoded: DecodedSample) -> list[int]:
+        """The ids the visual placeholder becomes: ``TokenLayout.num_visual_tokens(F)`` sentinels, which the
+        model fills with projector rows (a pretrained VLM's processor writes the VLM's own ids)."""
+        return [VISUAL_TOKEN_ID] * self.layout.num_visual_tokens(decoded.frames.shape[0])
 
     def _tokenize_pieces(self, texts: list[str], content: list[bool]) -> list[list[int]]:
         """Token ids of each piece: the sample's own text (``content``) with special-token strings split into

@@ -63,10 +63,13 @@ class FramePlan:
 class DecodedSample:
     """A sample with its planned frames and masks decoded at the vision tower's input resolution.
 
-    frames: uint8 [F, S, S, 3] (S = VisualSpec.image_size), already resized.
-    masks: bool [M, S, S], one per kept (object, frame) pair, ordered by object then frame.
+    frames: uint8 [F, S, S, 3] (S = VisualSpec.image_size), already resized (a pretrained VLM's family:
+            [F, H', W', 3], the aspect-kept size of ``decode.FrameSize``).
+    masks: bool [M, S, S] (or [M, H', W']), one per kept (object, frame) pair, ordered by object then frame.
     mask_frame: int64 [M], index into ``frames`` (0..F-1) of each mask.
     mask_object: int64 [M], object index (0..O-1) of each mask.
+    fps: the media's frame rate as its container states it (None for frame folders, images, or a container
+         that states none): with ``plan.frame_indices``, the real time between planned frames.
     """
 
     sample: Sample
@@ -75,6 +78,7 @@ class DecodedSample:
     masks: np.ndarray
     mask_frame: np.ndarray
     mask_object: np.ndarray
+    fps: float | None = None
 
 
 @dataclass(frozen=True)

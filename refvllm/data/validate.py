@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from refvllm.config import Config, DataConfig, load_config
 from refvllm.constants import SAMPLE_KINDS
-from refvllm.data.decode import decode_sample_report
+from refvllm.data.decode import FrameSize, decode_sample_report
 from refvllm.data.index import SampleIndex
 from refvllm.data.limits import DataLimits
 from refvllm.data.masks import MaskRescaleWarning
@@ -59,7 +59,7 @@ class Settings:
 
     data_root: str
     num_frames: int
-    image_size: int
+    image_size: int | FrameSize
     mask_resize: str
     limits: DataLimits
 
@@ -138,7 +138,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Settings, str | None]:
     if args.report:
         _check_writable(args.report)
     processor = _load_processor(cfg) if cfg is not None else None
-    image_size = processor.spec.image_size if processor is not None else DEFAULT_IMAGE_SIZE
+    image_size = processor.frame_size if processor is not None else DEFAULT_IMAGE_SIZE
     settings = Settings(data_root, num_frames, image_size, args.mask_resize or data_cfg.mask_resize,
                         data_cfg.limits)
     return processor, settings, args.cache_dir or data_cfg.index_cache_dir or None

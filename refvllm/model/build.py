@@ -2,8 +2,8 @@
 module's trainability (frozen | lora | full), and save/load the weights that are not in the HF checkpoints.
 
 Contract:
-    model = build_model(cfg)                         # prints the trainable-parameter table unless told not to
-    model = build_model(cfg, float32_masters=True)   # training: every trainable parameter in float32
+    model = build_model(cfg.model)                   # prints the trainable-parameter table unless told not to
+    model = build_model(cfg.model, float32_masters=True)  # training: every trainable parameter in float32
     groups = parameter_groups(model)                 # {"llm": [...], "vision": [...], "projector": .., "region": ..}
     counts = parameter_counts(model)                 # {"llm": {"trainable": n, "total": m}, ...}
 
@@ -21,10 +21,10 @@ import warnings
 import torch
 from torch import nn
 
-from refvllm.config import Config, LoraConfig
+from refvllm.config import LoraConfig, ModelConfig
 from refvllm.errors import ConfigError
 from refvllm.hub import cached_file, check_model, config_revision, first_line
-from refvllm.model.layout import load_visual_spec, make_token_layout
+from refvllm.layout import load_visual_spec, make_token_layout
 from refvllm.model.refvlm import RefVLM
 from refvllm.model.region import RegionEncoder
 from refvllm.model.vision import Projector, VisionTower
@@ -33,23 +33,23 @@ MODULES = ("vision", "projector", "region", "llm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def build_model(cfg: Config, print_table: bool = True, float32_masters: bool = False) -> RefVLM:
-    """The model described by ``cfg.model``; tiny checkpoints are written first when ``model.tiny`` asks.
+def build_model(m: ModelConfig, print_table: bool = True, float32_masters: bool = False) -> RefVLM:
+    """The model described by the model config ``m`` (``cfg.model``: the builder needs no other section);
+    tiny checkpoints are written first when ``model.tiny`` asks.
 
     ``float32_masters`` (training): see :func:`use_float32_masters`. Inference and export keep ``model.dtype``.
     """
-    m = cfg.model
-    ensure_tiny_checkpoints(cfg)
+    ensure_tiny_checkpoints(m)
     check_attn_implementation(m.attn_implementation)
     dtype = DTYPES[m.dtype]
-    spec = load_visual_spec(cfg)  # also the clear error for a vision_path that is neither here nor on the hub
-    layout = make_token_layout(cfg, spec)
+    spec = load_visual_spec(m)  # also the clear error for a vision_path that is neither here nor on the hub
+    layout = make_token_layout(m, spec)
     vision = VisionTower.from_pretrained(m.vision_path, m.vision_feature_layer, m.attn_implementation, dtype,
-                                         m.trust_remote_code, revision=config_revision(cfg, "vision"))
+                                         m.trust_remote_code, revision=config_revision(m, "vision"))
     if vision.grid != layout.grid:
         raise ConfigError(f"model.vision_path: the tower's patch grid is {vision.grid}x{vision.grid} but "
                           f"image_size/patch_size give {layout.grid}x{layout.grid}")
-    llm = _load_llm(m.llm_path, m.attn_implementation, dtype, m.trust_remote_code, config_revision(cfg, "llm"))
+    llm = _load_llm(m.llm_path, m.attn_implementation, dtype, m.trust_remote_code, config_revision(m, "llm"))
     width = llm.get_input_embeddings().embedding_dim
     projector = Projector(vision.hidden_size, width, m.projector.hidden_size or width, layout)
     region = RegionEncoder(vision.hidden_size, width, m.region.hidden_size or width, layout, spec.patch_size,
@@ -66,21 +66,21 @@ def build_model(cfg: Config, print_table: bool = True, float32_masters: bool = F
     return model
 
 
-def ensure_tiny_checkpoints(cfg: Config) -> None:
+def ensure_tiny_checkpoints(model: ModelConfig) -> None:
     """With ``model.tiny``, write the tiny vision/LLM checkpoints at the configured paths when missing.
 
     "Missing": not a local directory with a ``config.json``, nor a hub id already in the hub cache (checked
     without a network request: a tiny run is an offline run)."""
-    if not cfg.model.tiny:
+    if not model.tiny:
         return
     from refvllm.model.tiny import write_tiny_llm, write_tiny_vision
 
-    for which, path, write in (("vision", cfg.model.vision_path, write_tiny_vision),
-                               ("llm", cfg.model.llm_path, write_tiny_llm)):
+    for which, path, write in (("vision", model.vision_path, write_tiny_vision),
+                               ("llm", model.llm_path, write_tiny_llm)):
         if not path:
             raise ConfigError(f"config key 'model.{which}_path' is empty; with model.tiny it names where the tiny "
                               "checkpoint goes")
-        if cached_file(path, "config.json", config_revision(cfg, which)) is None:
+        if cached_file(path, "config.json", config_revision(model, which)) is None:
             write(path)
 
 

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from refvllm.constants import IGNORE_INDEX, REGION_TOKEN_ID, VISUAL_TOKEN_ID
 from refvllm.errors import ModelInputError
-from refvllm.model.layout import TokenLayout
+from refvllm.layout import TokenLayout
 from refvllm.model.region import RegionEncoder
 from refvllm.model.vision import Projector, VisionTower
 
@@ -171,17 +171,11 @@ class RefVLM(nn.Module):
         if ablate_regions:
             region = torch.zeros_like(region)
         elif self.training and self.region_dropout > 0 and region.shape[0]:
-            region = self._drop_regions(region, is_region)
+            region = drop_regions(region, is_region, self.region_dropout)
         embeds = embeds.masked_scatter(is_visual[..., None], visual)
         embeds = embeds.masked_scatter(is_region[..., None], region)
         return embeds, dummy
 
-    def _drop_regions(self, region: torch.Tensor, is_region: torch.Tensor) -> torch.Tensor:
-        """Region tokens [N_R, D] with every token of a sample zeroed with probability ``region_dropout``, drawn
-        per sample (all of a sample's objects together, exactly what ``ablate_regions`` does to every sample)."""
-        sample_of_row = is_region.nonzero()[:, 0]  # row-major order = the order masked_scatter fills
-        keep = torch.rand(is_region.shape[0], device=region.device) >= self.region_dropout
-        return region * keep[sample_of_row, None].to(region.dtype)
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, batch: dict, loss_normalizer: float | None = None, ablate_regions: bool = False,
@@ -196,28 +190,13 @@ class RefVLM(nn.Module):
         and its gradients are those of ``"all"`` (test_model); the memory is not: 3.5k positions x 151,936
         vocabulary entries in float32 are 2 GB, the ~60 label positions of a referring answer 36 MB.
         """
-        if logits_at not in ("all", "labels"):
-            raise ValueError(f"logits_at must be 'all' or 'labels', got {logits_at!r}")
         embeds, dummy = self.embed(batch, ablate_regions)
         labels = batch.get("labels")
-        keep = None
-        if labels is not None and logits_at == "labels":
-            keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().flatten().to(embeds.device)  # predicts p + 1
+        keep = label_positions(labels, logits_at, embeds.device)
         llm_kwargs = {} if keep is None else {"logits_to_keep": keep}
         out = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False, **llm_kwargs)
-        logits = out.logits
-        loss = None
-        if labels is not None:
-            targets = labels[:, 1:].to(logits.device)
-            if keep is None:
-                logits_used = logits[:, :-1]
-            else:
-                logits_used, targets = logits, targets[:, keep]
-            token_loss = F.cross_entropy(logits_used.flatten(0, 1).float(), targets.flatten(),
-                                         ignore_index=IGNORE_INDEX, reduction="sum")
-            denom = loss_normalizer if loss_normalizer is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
-            loss = token_loss / denom + dummy
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        loss = None if labels is None else next_token_loss(out.logits, labels, keep, loss_normalizer) + dummy
+        return CausalLMOutputWithPast(loss=loss, logits=out.logits)
 
     @torch.no_grad()
     def generate(self, batch: dict, ablate_regions: bool = False, **generation_kwargs) -> torch.Tensor:
@@ -230,6 +209,41 @@ class RefVLM(nn.Module):
         generation_kwargs.setdefault("use_cache", True)
         generation_kwargs.setdefault("pad_token_id", self.pad_token_id)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generation_kwargs)
+
+
+def drop_regions(region: torch.Tensor, is_region: torch.Tensor, p: float) -> torch.Tensor:
+    """Region tokens [N_R, D] with every token of a sample zeroed with probability ``p``, drawn per sample
+    (all of a sample's objects together, exactly what ``ablate_regions`` does to every sample); ``is_region``
+    [B, L] marks their positions (row-major order = the order masked_scatter fills)."""
+    sample_of_row = is_region.nonzero()[:, 0]
+    keep = torch.rand(is_region.shape[0], device=region.device) >= p
+    return region * keep[sample_of_row, None].to(region.dtype)
+
+
+def label_positions(labels: torch.Tensor | None, logits_at: str, device: torch.device) -> torch.Tensor | None:
+    """The positions whose logits the loss needs (``logits_at="labels"``): every p where some row's label at
+    p + 1 is set, for the LLM's ``logits_to_keep``; None for ``"all"`` or without labels."""
+    if logits_at not in ("all", "labels"):
+        raise ValueError(f"logits_at must be 'all' or 'labels', got {logits_at!r}")
+    if labels is None or logits_at == "all":
+        return None
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().flatten().to(device)
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None,
+                    loss_normalizer: float | None) -> torch.Tensor:
+    """Summed next-token cross-entropy (float32) over the label tokens, divided by ``loss_normalizer`` when
+    given, else by their count. ``logits`` [B, L, V] at every position (``keep`` None) or [B, K, V] at the
+    positions ``keep`` of :func:`label_positions`."""
+    targets = labels[:, 1:].to(logits.device)
+    if keep is None:
+        logits = logits[:, :-1]
+    else:
+        targets = targets[:, keep]
+    token_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                 reduction="sum")
+    denom = loss_normalizer if loss_normalizer is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return token_loss / denom
 
 
 def _trains(module: nn.Module) -> bool:

@@ -7,6 +7,9 @@ Contract:
     tokens = enc(features, region_masks, region_frame_index, region_object_index, num_objects)
         features            [N_F, grid*grid, D_v]  patch features of every frame of the batch (row-major grid)
         region_masks        bool [N_M, S, S]        one mask per (object, frame)
+
+The pooling functions below also take a rectangular grid, ``grid=(rows, cols)`` with masks [N_M, H, W] (a
+pretrained VLM's frames keep their aspect ratio); an int ``grid`` is the square ``(grid, grid)``.
         region_frame_index  long [N_M]              row of ``features`` of each mask
         region_object_index long [N_M]              object 0..num_objects-1 of each mask
         -> [sum_o layout.num_region_tokens(n_o), D_llm]: object order, time order within an object,
@@ -36,29 +39,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from refvllm.errors import ModelInputError
-from refvllm.model.layout import TokenLayout
+from refvllm.layout import TokenLayout
 from refvllm.model.vision import mlp
 
 POOLING_MODES = ("area", "binary")
+Grid = int | tuple[int, int]  # patches per side (square), or (rows, cols)
 
 
-def mask_patch_weights(masks: torch.Tensor, grid: int, patch: int, pooling: str = "area") -> torch.Tensor:
-    """bool [N_M, S, S] -> float32 [N_M, grid*grid] pooling weights, each row summing to 1."""
+def grid_shape(grid: Grid) -> tuple[int, int]:
+    """(rows, cols) of a square side or a (rows, cols) pair."""
+    return (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+
+
+def mask_patch_weights(masks: torch.Tensor, grid: Grid, patch: int, pooling: str = "area") -> torch.Tensor:
+    """bool [N_M, H, W] -> float32 [N_M, rows*cols] pooling weights, each row summing to 1."""
     if pooling not in POOLING_MODES:
         raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
-    s = masks.shape[-1]
-    if s < grid * patch:
-        raise ModelInputError(f"region masks are {s}x{s} pixels; the {grid}x{grid} patch grid needs at least "
-                              f"{grid * patch}x{grid * patch}")
+    rows, cols = grid_shape(grid)
+    h, w = masks.shape[-2:]
+    if h < rows * patch or w < cols * patch:
+        raise ModelInputError(f"region masks are {h}x{w} pixels; the {rows}x{cols} patch grid needs at least "
+                              f"{rows * patch}x{cols * patch}")
     if pooling == "area":
         weights = patch_coverage(masks, grid, patch).flatten(1)
     else:
-        resized = F.interpolate(masks[:, None].float(), size=(grid, grid), mode="bilinear", align_corners=False)
+        resized = F.interpolate(masks[:, None].float(), size=(rows, cols), mode="bilinear", align_corners=False)
         weights = (resized[:, 0] > 0).float().flatten(1)
     total = weights.sum(1)
     missing = (total == 0).nonzero().flatten()
     if len(missing):  # rare: one host sync, then only those masks take the slower path
-        fallback = F.adaptive_avg_pool2d(masks[missing, None].float(), grid).flatten(1)
+        fallback = F.adaptive_avg_pool2d(masks[missing, None].float(), (rows, cols)).flatten(1)
         empty = (fallback.sum(1) == 0).nonzero().flatten()
         if len(empty):
             raise ModelInputError(f"region mask {int(missing[empty[0]])} of the batch is empty "
@@ -71,27 +81,35 @@ def mask_patch_weights(masks: torch.Tensor, grid: int, patch: int, pooling: str 
 GEOMETRY_DIM = 8
 
 
-def mask_geometry(weights: torch.Tensor, grid: int) -> torch.Tensor:
-    """Pooling weights [N_M, grid*grid] -> [N_M, 6]: weighted centroid (x, y) and box (x0, y0, x1, y1) of the
+def mask_geometry(weights: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Pooling weights [N_M, rows*cols] -> [N_M, 6]: weighted centroid (x, y) and box (x0, y0, x1, y1) of the
     patches each mask covers, in [0, 1] grid coordinates (patch centres)."""
-    w = weights.float().unflatten(1, (grid, grid))  # [N, row, col]
-    pos = (torch.arange(grid, device=w.device, dtype=torch.float32) + 0.5) / grid
-    col_mass, row_mass = w.sum(1), w.sum(2)  # [N, grid] each; rows of weights sum to 1
-    cx, cy = col_mass @ pos, row_mass @ pos
+    rows, cols = grid_shape(grid)
+    w = weights.float().unflatten(1, (rows, cols))  # [N, row, col]
+    x_pos = (torch.arange(cols, device=w.device, dtype=torch.float32) + 0.5) / cols
+    y_pos = (torch.arange(rows, device=w.device, dtype=torch.float32) + 0.5) / rows
+    col_mass, row_mass = w.sum(1), w.sum(2)  # [N, cols], [N, rows]; rows of weights sum to 1
+    cx, cy = col_mass @ x_pos, row_mass @ y_pos
     big = torch.tensor(2.0, device=w.device)
-    x0 = torch.where(col_mass > 0, pos, big).amin(1)
-    y0 = torch.where(row_mass > 0, pos, big).amin(1)
-    x1 = torch.where(col_mass > 0, pos, -big).amax(1)
-    y1 = torch.where(row_mass > 0, pos, -big).amax(1)
+    x0 = torch.where(col_mass > 0, x_pos, big).amin(1)
+    y0 = torch.where(row_mass > 0, y_pos, big).amin(1)
+    x1 = torch.where(col_mass > 0, x_pos, -big).amax(1)
+    y1 = torch.where(row_mass > 0, y_pos, -big).amax(1)
     return torch.stack([cx, cy, x0, y0, x1, y1], dim=1)
 
 
-def region_geometry(weights: torch.Tensor, grid: int, frame_index: torch.Tensor, object_index: torch.Tensor,
+def region_geometry(weights: torch.Tensor, grid: Grid, frame_index: torch.Tensor, object_index: torch.Tensor,
                     num_objects: int) -> torch.Tensor:
     """[N_M, GEOMETRY_DIM] per mask: :func:`mask_geometry` (centroid and box) plus the centroid's displacement
     from the object's first mask frame, so a token states where the object has moved without the LLM having to
     subtract two tokens. Frame indices are global frame rows, in time order within a sample."""
-    geo = mask_geometry(weights, grid)
+    return with_displacement(mask_geometry(weights, grid), frame_index, object_index, num_objects)
+
+
+def with_displacement(geo: torch.Tensor, frame_index: torch.Tensor, object_index: torch.Tensor,
+                      num_objects: int) -> torch.Tensor:
+    """[N_M, 6] :func:`mask_geometry` -> [N_M, GEOMETRY_DIM]: plus each centroid's displacement from its
+    object's first mask frame (the smallest ``frame_index`` of the object)."""
     first = torch.full((num_objects,), torch.iinfo(torch.long).max, dtype=torch.long, device=geo.device)
     first = first.scatter_reduce(0, object_index, frame_index, reduce="amin")
     is_first = frame_index == first[object_index]
@@ -99,8 +117,9 @@ def region_geometry(weights: torch.Tensor, grid: int, frame_index: torch.Tensor,
     return torch.cat([geo, geo[:, :2] - start[object_index]], dim=1)
 
 
-def patch_coverage(masks: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
-    """bool [N, S, S] -> float32 [N, grid, grid]: the fraction of each patch's pixels that the mask covers.
+def patch_coverage(masks: torch.Tensor, grid: Grid, patch: int) -> torch.Tensor:
+    """bool [N, H, W] -> float32 [N, rows, cols]: the fraction of each patch's pixels that the mask covers
+    (patch (i, j) sees pixels [i*p, (i+1)*p) x [j*p, (j+1)*p); what lies beyond the grid is not counted).
 
     The pixels of ``patch`` consecutive rows are summed 8 at a time: each mask row is read as int64 words whose
     8 bytes are 0/1 pixels, and adding ``patch`` (< 256) such words never carries from one byte into the next,
@@ -109,13 +128,14 @@ def patch_coverage(masks: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
     """
     if patch > 255:
         raise ValueError(f"patch size {patch} > 255 overflows a byte lane")
-    s = masks.shape[-1]
+    rows, cols = grid_shape(grid)
+    width = masks.shape[-1]
     pixels = masks.contiguous().view(torch.uint8)
-    if s % 8:  # whole int64 words per row; the padding columns lie outside the patch grid
-        pixels = F.pad(pixels, (0, 8 - s % 8))
-    words = pixels.view(torch.int64)[:, : grid * patch].unflatten(1, (grid, patch))  # a view: no copy
-    rows = words.sum(2).view(torch.uint8)[..., : grid * patch]  # [N, grid, grid*patch] pixels per column
-    return rows.unflatten(-1, (grid, patch)).sum(-1, dtype=torch.int16).float() / (patch * patch)
+    if width % 8:  # whole int64 words per row; the padding columns lie outside the patch grid
+        pixels = F.pad(pixels, (0, 8 - width % 8))
+    words = pixels.view(torch.int64)[:, : rows * patch].unflatten(1, (rows, patch))  # a view: no copy
+    counts = words.sum(2).view(torch.uint8)[..., : cols * patch]  # [N, rows, cols*patch] pixels per column
+    return counts.unflatten(-1, (cols, patch)).sum(-1, dtype=torch.int16).float() / (patch * patch)
 
 
 def _rank_within(keys: torch.Tensor, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,6 +262,33 @@ class RegionEncoder(nn.Module):
                 raise ValueError("region geometry needs region_object_index and num_objects")
             geo = region_geometry(weights, self.layout.grid, region_frame_index, region_object_index, num_objects)
             pooled = pooled + self.geometry(geo.to(pooled.dtype))
+        return pooled
+
+    def pool_groups(self, groups: list[tuple[torch.Tensor, Grid, int]], region_masks: torch.Tensor,
+                    group_index: torch.Tensor, frame_index: torch.Tensor, region_object_index: torch.Tensor,
+                    num_objects: int) -> torch.Tensor:
+        """Pooling over feature groups with grids of their own (a pretrained VLM's videos keep their aspect
+        ratio, so each has its own patch grid): ``groups[g] = (features [F_g, rows_g*cols_g, D], (rows_g,
+        cols_g), patch_g)``; mask m (bool [N_M, H, W], zero-padded beyond its group's grid) pools frame
+        ``frame_index[m]`` of group ``group_index[m]``. -> [N_M, D] pooled features in mask order."""
+        pooled = region_masks.new_zeros(len(region_masks), groups[0][0].shape[-1], dtype=groups[0][0].dtype)
+        geo = region_masks.new_zeros(len(region_masks), 6, dtype=torch.float32)
+        for g, (features, grid, patch) in enumerate(groups):
+            rows = (group_index == g).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            if int(frame_index[rows].max()) >= features.shape[0]:
+                raise ModelInputError(f"a region mask is on frame {int(frame_index[rows].max())} of visual {g}, "
+                                      f"which has {features.shape[0]} frames")
+            weights = mask_patch_weights(region_masks[rows], grid, patch, self.pooling)
+            pooled[rows] = pool_regions(features, weights, frame_index[rows])
+            if self.geometry is not None:
+                geo[rows] = mask_geometry(weights, grid)
+        if self.geometry is not None:
+            # Displacement in time order within an object: (group, frame) keys, one group per object.
+            key = group_index * (int(frame_index.max()) + 1) + frame_index
+            full = with_displacement(geo, key, region_object_index, num_objects)
+            pooled = pooled + self.geometry(full.to(pooled.dtype))
         return pooled
 
     def merge(self, pooled: torch.Tensor, region_frame_index: torch.Tensor, region_object_index: torch.Tensor,

@@ -11,7 +11,7 @@ Contract:
     refvllm tiny-model OUT [--seed N] [--vision siglip|clip|siglip2] [--llm qwen2|llama]
 
 Vision: 64 x 64 input, 8 x 8 patches (an 8 x 8 grid), width 64, 2 layers; ``preprocessor_config.json`` holds
-``image_mean``/``image_std``/``size`` (read by :func:`refvllm.model.layout.load_visual_spec`).
+``image_mean``/``image_std``/``size`` (read by :func:`refvllm.layout.load_visual_spec`).
 LLM: width 128, 2 layers, untied embeddings, vocabulary = the tokenizer's (a byte-level BPE of ~1,500 tokens
 trained on the spot on a built-in English corpus), ChatML chat template, eos ``<|im_end|>``, pad
 ``<|endoftext|>``.

@@ -19,7 +19,7 @@ from torch import nn
 
 from refvllm.errors import ConfigError
 from refvllm.hub import check_model, first_line
-from refvllm.model.layout import TokenLayout
+from refvllm.layout import TokenLayout
 
 # config model_type -> (transformers class name, number of prefix tokens (CLS) before the patch tokens)
 _VISION_CLASSES = {

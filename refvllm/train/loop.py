@@ -85,7 +85,7 @@ def prepare_assets(cfg: Config, accelerator) -> None:
         if cfg.model.tiny:
             from refvllm.model.build import ensure_tiny_checkpoints
 
-            ensure_tiny_checkpoints(cfg)
+            ensure_tiny_checkpoints(cfg.model)
     accelerator.wait_for_everyone()
     if not Path(cfg.data.train_file).is_file():
         raise ConfigError(f"data.train_file '{cfg.data.train_file}' does not exist")
@@ -147,7 +147,7 @@ def setup(cfg: Config) -> Run:
               "(they may be replaced or rotated away); use train.resume=auto to continue it", flush=True)
     set_seed(cfg.train.seed)  # the same initial weights on every process
     # DeepSpeed keeps float32 masters of what it trains itself (and its parameters may be partitioned already).
-    raw = build_model(cfg, print_table=main, float32_masters=not is_deepspeed(accelerator))
+    raw = build_model(cfg.model, print_table=main, float32_masters=not is_deepspeed(accelerator))
     optimizer = build_optimizer(parameter_groups(raw), cfg)
     scheduler = build_scheduler(optimizer, cfg)
     processor, _, sampler, loader, bad = build_data(cfg, accelerator, torch.Generator().manual_seed(cfg.train.seed))

@@ -123,18 +123,18 @@ def test_build_and_processor_by_hub_id(offline_cache):
     """In-process: the visual spec, the processor and the model load by hub id from the cache."""
     from refvllm.config import load_config
     from refvllm.data.processor import Processor
+    from refvllm.layout import load_visual_spec
     from refvllm.model.build import build_model
-    from refvllm.model.layout import load_visual_spec
 
     cfg = load_config(None, [f"model.vision_path={VISION_ID}", f"model.llm_path={LLM_ID}", "model.lora.r=2"])
-    assert load_visual_spec(cfg).image_size == 64
+    assert load_visual_spec(cfg.model).image_size == 64
     assert Processor.from_config(cfg).tokenizer.chat_template
-    assert build_model(cfg, print_table=False).layout.grid == 8
+    assert build_model(cfg.model, print_table=False).layout.grid == 8
     cfg.model.llm_path = "refvllm-test/missing-llm"
     with pytest.raises(ConfigError, match="^model.llm_path: 'refvllm-test/missing-llm' is neither"):
         Processor.from_config(cfg)
     with pytest.raises(ConfigError, match="^model.llm_path: 'refvllm-test/missing-llm' is neither"):
-        build_model(cfg, print_table=False)
+        build_model(cfg.model, print_table=False)
 
 
 # ------------------------------------------------------------------- train, eval, export by hub id, offline
@@ -224,9 +224,9 @@ def test_config_revisions_pin_the_models(offline_cache):
     _, commits = offline_cache
     cfg = load_config(None, [f"model.vision_path={VISION_ID}", f"model.llm_path={LLM_ID}", "model.lora.r=2",
                              f"model.vision_revision={commits[VISION_ID]}", f"model.llm_revision={commits[LLM_ID]}"])
-    assert build_model(cfg, print_table=False).layout.grid == 8 and Processor.from_config(cfg).tokenizer
+    assert build_model(cfg.model, print_table=False).layout.grid == 8 and Processor.from_config(cfg).tokenizer
     for which in ("vision", "llm"):
         bad = load_config(None, [f"model.vision_path={VISION_ID}", f"model.llm_path={LLM_ID}",
                                  f"model.{which}_revision=0123456789abcdef0123456789abcdef01234567"])
         with pytest.raises(ConfigError, match=f"^model.{which}_path: "):
-            build_model(bad, print_table=False)
+            build_model(bad.model, print_table=False)

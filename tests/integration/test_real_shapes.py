@@ -100,7 +100,7 @@ def test_clip_l_336_and_untied_llm_forward_backward(assets, tmp_path):
         {**assets, "model.vision_path": vision, "model.llm_path": llm}, data__num_frames=4,
         model__region__dropout=0.0))
     torch.manual_seed(0)
-    model = build_model(cfg, print_table=False, float32_masters=True).train()
+    model = build_model(cfg.model, print_table=False, float32_masters=True).train()
     processor = Processor.from_config(cfg)
     item = RefDataset.from_config(cfg, processor, data_file=assets["eval_file"])[0]  # a 4-frame video sample
     assert item["pixel_values"].shape[1:] == (3, 336, 336)

@@ -14,7 +14,7 @@ from refvllm.data.collate import Collator
 from refvllm.data.dataset import BadSampleCounter, RefDataset, ResumableSampler, Skipped
 from refvllm.data.processor import Processor
 from refvllm.errors import ConfigError, DataError
-from refvllm.model.layout import TokenLayout, VisualSpec
+from refvllm.layout import TokenLayout, VisualSpec
 from refvllm.model.tiny import train_tokenizer
 
 S = 16

@@ -38,8 +38,8 @@ def root(tmp_path_factory):
     return root
 
 
-def _decode(raw, root, num_frames=4, **kw):
-    return decode_sample_report(parse_sample(raw, 2), root, num_frames, S, **kw)
+def _decode(raw, root, num_frames=4, image_size=S, **kw):
+    return decode_sample_report(parse_sample(raw, 2), root, num_frames, image_size, **kw)
 
 
 def test_video_referring_layout(root):
@@ -55,6 +55,22 @@ def test_video_referring_layout(root):
     np.testing.assert_array_equal(decoded.masks[0], resize_mask_any(A, S))
     np.testing.assert_array_equal(decoded.masks[2], resize_mask_any(B, S))
     assert areas == [{1: 128, 9: 128}, {9: 200}]
+
+
+def test_a_frame_size_from_the_media_keeps_the_aspect_ratio(root):
+    """A FrameSize computed from the media's size (what a pretrained VLM's family passes), bicubic frames."""
+    from PIL import Image
+
+    from refvllm.data.decode import FrameSize
+
+    raw = video_sample("v.mp4", [{1: rle(A)}, {9: rle(B)}])
+    size = FrameSize(of_media=lambda h, w: (h // 2 + 4, w // 2 + 8), resample="bicubic")
+    decoded, _ = _decode(raw, root, image_size=size)
+    assert decoded.frames.shape == (4, 28, 40, 3) and decoded.masks.shape == (2, 28, 40)
+    np.testing.assert_array_equal(decoded.masks[1], resize_mask_any(B, (28, 40)))
+    full = decode_sample_report(parse_sample(raw, 2), root, 4, FrameSize(of_media=lambda h, w: (h, w)))[0]
+    np.testing.assert_array_equal(decoded.frames[0],
+                                  np.asarray(Image.fromarray(full.frames[0]).resize((40, 28), Image.BICUBIC)))
 
 
 def test_only_planned_frames_are_decoded(root, monkeypatch):

@@ -25,7 +25,7 @@ from refvllm.data.processor import Processor
 from refvllm.data.schema import parse_sample
 from refvllm.data.validate import Settings, check_sample
 from refvllm.errors import DataError
-from refvllm.model.layout import TokenLayout, VisualSpec
+from refvllm.layout import TokenLayout, VisualSpec
 from refvllm.model.tiny import train_tokenizer
 
 S = 16

@@ -153,15 +153,17 @@ def test_polygon_reference_size():
 
 
 def _resize_any_reference(mask, size):
-    """Brute force: target pixel set iff a source pixel of its bin (down) or under its centre (up) is set."""
+    """Brute force: target pixel set iff a source pixel of its bin (down) or under its centre (up) is set.
+    ``size``: a side, or (height, width)."""
     h, w = mask.shape
+    out_h, out_w = (size, size) if isinstance(size, int) else size
 
-    def bins(n):
+    def bins(n, size):
         if n >= size:
             return [range(i * n // size, (i + 1) * n // size) for i in range(size)]
         return [[int((i + 0.5) * n / size)] for i in range(size)]
 
-    rows, cols = bins(h), bins(w)
+    rows, cols = bins(h, out_h), bins(w, out_w)
     return np.array([[mask[np.ix_(list(r), list(c))].any() for c in cols] for r in rows])
 
 
@@ -188,6 +190,18 @@ def test_resize_from_rle_runs_equals_dense_resize(h, w, size, kind, seed):
     got = resize_rle_any(to_rle(rle(mask), h, w), size)
     assert got.shape == (size, size) and got.dtype == bool
     np.testing.assert_array_equal(got, resize_mask_any(mask, size))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 30), st.integers(1, 30), st.integers(0, 2**32 - 1))
+def test_rectangular_targets_match_the_reference_from_runs_and_dense(h, w, out_h, out_w, seed):
+    """(height, width) targets (a pretrained VLM keeps the aspect ratio): each axis binned on its own."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((h, w)) < rng.random()
+    dense = resize_mask_any(mask, (out_h, out_w))
+    np.testing.assert_array_equal(dense, _resize_any_reference(mask, (out_h, out_w)))
+    np.testing.assert_array_equal(resize_rle_any(to_rle(rle(mask), h, w), (out_h, out_w)), dense)
+    assert dense.any() == mask.any()
 
 
 def test_resize_any_single_pixel_and_empty():

@@ -313,3 +313,14 @@ def test_resize_frames():
     assert out.shape == (3, 32, 32, 3) and out.dtype == np.uint8
     assert frame_index_of(out) == [0, 1, 2]
     assert resize_frames(out, 32).shape == (3, 32, 32, 3)
+
+
+def test_resize_frames_to_height_and_width_with_either_filter():
+    from PIL import Image
+
+    frames = indexed_frames(2, 48, 64)
+    for resample, pil in (("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC)):
+        out = resize_frames(frames, (28, 56), resample)
+        assert out.shape == (2, 28, 56, 3) and frame_index_of(out) == [0, 1]
+        np.testing.assert_array_equal(out[1], np.asarray(Image.fromarray(frames[1]).resize((56, 28), pil)))
+    assert np.array_equal(resize_frames(frames, (48, 64)), frames)  # already that size: unchanged

@@ -12,8 +12,8 @@ from refvllm.checkpoint import extra_trainable_names, load_extra_trainables, loa
 from refvllm.config import load_config
 from refvllm.constants import IGNORE_INDEX, REGION_TOKEN_ID, VISUAL_TOKEN_ID
 from refvllm.errors import ConfigError, ModelInputError
+from refvllm.layout import TokenLayout
 from refvllm.model.build import build_model, format_parameter_table, parameter_counts, parameter_groups
-from refvllm.model.layout import TokenLayout
 from refvllm.model.refvlm import count_label_tokens, left_padded
 from refvllm.model.tiny import write_tiny_llm, write_tiny_vision
 from refvllm.model.vision import Projector, VisionTower
@@ -34,7 +34,7 @@ def make_model(ckpt, vision="siglip", llm="qwen2", *overrides, seed=0):
                              "model.lora.alpha=8", "model.lora.dropout=0.0", "model.region.max_tokens=2",
                              *overrides])
     torch.manual_seed(seed)
-    return build_model(cfg, print_table=False).eval()
+    return build_model(cfg.model, print_table=False).eval()
 
 
 def make_sample(layout: TokenLayout, frames: int, objects: list[list[int]], n_text: int, seed: int) -> dict:
@@ -381,7 +381,7 @@ def test_llm_adapter_is_a_plain_peft_adapter(ckpt, tmp_path):
 def test_tiny_checkpoints_are_made_on_first_use(tmp_path):
     cfg = load_config(None, ["model.tiny=true", f"model.vision_path={tmp_path}/v", f"model.llm_path={tmp_path}/l",
                              "model.lora.r=2"])
-    model = build_model(cfg, print_table=False)
+    model = build_model(cfg.model, print_table=False)
     assert (tmp_path / "v" / "preprocessor_config.json").is_file() and (tmp_path / "l" / "tokenizer.json").is_file()
     assert model.layout.grid == 8
 
@@ -510,7 +510,7 @@ def test_float32_masters_keep_small_updates_that_bf16_weights_round_away(ckpt):
                                  "model.dtype=bfloat16", "model.train_llm=full", "model.train_vision=full",
                                  "model.region.max_tokens=2"])
         torch.manual_seed(0)
-        model = build_model(cfg, print_table=False, float32_masters=masters).train()
+        model = build_model(cfg.model, print_table=False, float32_masters=masters).train()
         weight = model.llm.get_output_embeddings().weight
         before = weight.detach().float().clone()
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)

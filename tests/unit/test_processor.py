@@ -11,7 +11,7 @@ from refvllm.constants import IGNORE_INDEX, REGION_TOKEN_ID, VISUAL_TOKEN_ID
 from refvllm.data.processor import Processor
 from refvllm.data.types import DecodedSample, FramePlan, Sample, Turn
 from refvllm.errors import ConfigError, DataError
-from refvllm.model.layout import TokenLayout, VisualSpec
+from refvllm.layout import TokenLayout, VisualSpec
 from refvllm.model.tiny import train_tokenizer
 
 S = 16
@@ -290,3 +290,16 @@ def test_text_from_data_never_becomes_special_tokens(chatml, role):
     labelled = [t for t in item["labels"].tolist() if t != IGNORE_INDEX]
     end = chatml.convert_tokens_to_ids("<|im_end|>")
     assert labelled.count(end) == 1 and labelled[-1] == end  # one learned end of turn: the real one
+
+
+def test_the_data_package_does_not_import_the_model_package():
+    """The token-count contract (refvllm/layout.py) is shared by the processor and the model without data/
+    importing model/: a model family may build on data/, never the other way round."""
+    import subprocess
+    import sys
+
+    code = ("import sys, refvllm.data.processor, refvllm.data.dataset, refvllm.data.collate, refvllm.data.decode, "
+            "refvllm.data.validate, refvllm.data.show, refvllm.data.synthetic; "
+            "bad = sorted(m for m in sys.modules if m.startswith('refvllm.model')); print(bad); sys.exit(bool(bad))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

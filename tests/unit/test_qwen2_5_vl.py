@@ -111,3 +111,352 @@ def test_real_shaped_config_at_reduced_depth():
     assert (vision.hidden_size, vision.out_hidden_size, vision.depth, vision.fullatt_block_indexes) == (
         1280, 3584, 2, [1])
     assert q.vl_config("qwen2.5-vl-3b", tokenizer, layers=1).tie_word_embeddings
+
+
+# ------------------------------------------------------------------------------------- the region pathway
+
+MARK = "REGIONSLOT"
+
+
+def _region_model(tiny, max_tokens: int = 2, seed: int = 0):
+    from refvllm.layout import TokenLayout
+    from refvllm.model.region import RegionEncoder
+
+    width = tiny["model"].config.text_config.hidden_size
+    layout = TokenLayout(grid=1, spatial_pool=1, temporal_pool=1, region_max_tokens=max_tokens,
+                         region_merge="merge")  # only the region fields count here
+    torch.manual_seed(seed)
+    region = RegionEncoder(width, width, width, layout, patch_size=28)
+    return q.RegionVLM(tiny["model"], region, tiny["tokenizer"].pad_token_id).eval()
+
+
+def _sample(tiny, frames: np.ndarray, fps: float, objects: list[list[tuple[int, torch.Tensor]]],
+            question: str = f"What is {MARK} doing?") -> dict:
+    """One sample as the batch fields of RegionVLM (before collation): ids with the video run expanded and the
+    region runs of ``objects`` (each a list of (frame, mask)) at the question's marks."""
+    from refvllm.constants import REGION_TOKEN_ID
+
+    pixels, grid = q.video_patches(frames, tiny["pre"])
+    tokenizer = tiny["tokenizer"]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}], tokenize=False,
+        add_generation_prompt=True).replace("<|video_pad|>", "<|video_pad|>" * (grid[0] * grid[1] * grid[2] // 4))
+    pieces = text.split(MARK)
+    assert len(pieces) == len(objects) + 1
+    ids = []
+    for k, piece in enumerate(pieces):
+        ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+        if k < len(objects):
+            ids += [REGION_TOKEN_ID] * min(2, len(objects[k]))
+    return {"ids": ids, "pixels": pixels, "grid": grid, "seconds": 2 / fps, "objects": objects}
+
+
+def _collate(samples: list[dict], pad_id: int) -> dict:
+    """Right-padded batch of :func:`_sample` outputs (one video each)."""
+    length = max(len(s["ids"]) for s in samples)
+    ids = torch.full((len(samples), length), pad_id)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(samples):
+        ids[i, : len(s["ids"])] = torch.tensor(s["ids"])
+        mask[i, : len(s["ids"])] = 1
+    masks, visual, frame, obj, obj_sample = [], [], [], [], []
+    height = max(m.shape[0] for s in samples for o in s["objects"] for _, m in o) if any(
+        s["objects"] for s in samples) else 1
+    width = max(m.shape[1] for s in samples for o in s["objects"] for _, m in o) if any(
+        s["objects"] for s in samples) else 1
+    for i, s in enumerate(samples):
+        for o in s["objects"]:
+            for f, m in o:
+                padded = torch.zeros(height, width, dtype=torch.bool)
+                padded[: m.shape[0], : m.shape[1]] = m
+                masks.append(padded)
+                visual.append(i)
+                frame.append(f)
+                obj.append(len(obj_sample))
+            obj_sample.append(i)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat([s["pixels"] for s in samples]),
+            "visual_grid_thw": torch.tensor([s["grid"] for s in samples]),
+            "visual_is_video": torch.ones(len(samples), dtype=torch.bool),
+            "second_per_grid_ts": torch.tensor([s["seconds"] for s in samples]),
+            "region_masks": torch.stack(masks) if masks else torch.zeros(0, height, width, dtype=torch.bool),
+            "region_visual_index": torch.tensor(visual, dtype=torch.long),
+            "region_frame_index": torch.tensor(frame, dtype=torch.long),
+            "region_object_index": torch.tensor(obj, dtype=torch.long),
+            "object_sample_index": torch.tensor(obj_sample, dtype=torch.long)}
+
+
+def _cell_mask(height: int, width: int, row: int, col: int) -> torch.Tensor:
+    """The 28 x 28 pixel cell (row, col) of a frame: exactly one merged token."""
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    mask[row * 28:(row + 1) * 28, col * 28:(col + 1) * 28] = True
+    return mask
+
+
+def test_region_vlm_without_regions_is_the_plain_vlm(tiny):
+    model = _region_model(tiny)
+    sample = _sample(tiny, _frames(4, 56, 84, seed=3), 2.0, [], question="What happens?")
+    batch = _collate([sample], tiny["tokenizer"].pad_token_id)
+    vlm = tiny["model"]
+    with torch.no_grad():
+        ours = model(batch).logits
+        plain = vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["visual_grid_thw"],
+                    second_per_grid_ts=batch["second_per_grid_ts"],
+                    mm_token_type_ids=q.token_types(batch["input_ids"], vlm.config)).logits
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_region_tokens_pool_the_merged_tokens_of_their_token_frame(tiny):
+    """With the MLP an identity, a mask covering exactly one 28-px cell gives that cell's merged token; frames
+    0 and 1 share token frame 0, frame 2 is token frame 1."""
+    from refvllm.constants import REGION_TOKEN_ID
+
+    model = _region_model(tiny)
+    model.region.mlp = torch.nn.Identity()
+    frames = _frames(4, 56, 84, seed=4)
+    objects = [[(0, _cell_mask(56, 84, 0, 1)), (1, _cell_mask(56, 84, 0, 1))], [(2, _cell_mask(56, 84, 1, 2))]]
+    batch = _collate([_sample(tiny, frames, 2.0, objects, question=f"Is {MARK} near {MARK}?")],
+                     tiny["tokenizer"].pad_token_id)
+    with torch.no_grad():
+        embeds, _ = model.embed(batch)
+        merged = model._visuals(batch)[0].reshape(2, 2, 3, -1)  # (token frame, row, col)
+    region = embeds[0, batch["input_ids"][0] == REGION_TOKEN_ID]
+    assert region.shape[0] == 3
+    torch.testing.assert_close(region[0], merged[0, 0, 1])
+    torch.testing.assert_close(region[1], merged[0, 0, 1])  # frame 1: the same token frame
+    torch.testing.assert_close(region[2], merged[1, 1, 2])
+
+
+def test_region_vlm_trains_the_region_encoder_and_changes_the_answer(tiny):
+    from refvllm.constants import IGNORE_INDEX
+
+    model = _region_model(tiny).train()
+    sample = _sample(tiny, _frames(4, 56, 84, seed=5), 2.0, [[(0, _cell_mask(56, 84, 1, 0))]])
+    answer = tiny["tokenizer"]("It moves left.<|im_end|>", add_special_tokens=False)["input_ids"]
+    sample["ids"] += answer
+    batch = _collate([sample], tiny["tokenizer"].pad_token_id)
+    labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+    labels[0, -len(answer):] = torch.tensor(answer)
+    batch["labels"] = labels
+    out = model(batch, logits_at="labels")
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.region.mlp.parameters())
+    full = model(batch).loss  # every position: the same loss
+    torch.testing.assert_close(out.loss, full)
+    with torch.no_grad():
+        ablated = model.eval()(batch, ablate_regions=True).logits
+        kept = model(batch).logits
+    assert not torch.allclose(ablated, kept)
+
+
+def test_batch_of_different_frame_sizes_equals_each_sample_alone(tiny):
+    model = _region_model(tiny)
+    a = _sample(tiny, _frames(4, 56, 84, seed=6), 2.0, [[(1, _cell_mask(56, 84, 1, 1))]])
+    b = _sample(tiny, _frames(2, 84, 56, seed=7), 1.0, [[(0, _cell_mask(84, 56, 2, 0)), (1, _cell_mask(84, 56, 0, 1))]],
+                question=f"Where does {MARK} go next, and why?")
+    pad = tiny["tokenizer"].pad_token_id
+    with torch.no_grad():
+        together = model(_collate([a, b], pad)).logits
+        for i, s in enumerate((a, b)):
+            alone = model(_collate([s], pad)).logits[0]
+            torch.testing.assert_close(together[i, : len(s["ids"])], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_on_the_language_model_only_and_a_merge_plain_transformers_loads(tiny, tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from refvllm.config import LoraConfig
+
+    vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny["path"]).eval()
+    peft_vlm = q.language_model_lora(vlm, LoraConfig(r=4, alpha=8, dropout=0.0))
+    adapted = {n for n, _ in peft_vlm.named_modules() if n.endswith(".lora_A")}
+    assert adapted and all(".language_model." in n for n in adapted)
+    assert not any("visual" in n for n, p in peft_vlm.named_parameters() if p.requires_grad)
+    assert {n.split(".")[-2] for n in adapted} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"}
+    model = _region_model(tiny)
+    model.vlm = peft_vlm
+    batch = _collate([_sample(tiny, _frames(4, 56, 84, seed=8), 2.0, [], question="What happens?")],
+                     tiny["tokenizer"].pad_token_id)
+    with torch.no_grad():
+        initial = model(batch).logits
+        for name, p in peft_vlm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)  # a trained adapter
+        trained = model(batch).logits
+    plain_initial = _region_model(tiny)(batch).logits.detach()
+    torch.testing.assert_close(initial, plain_initial)  # LoRA starts at the base model
+    assert not torch.allclose(trained, initial)
+    merged = peft_vlm.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        plain = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["visual_grid_thw"],
+                       second_per_grid_ts=batch["second_per_grid_ts"],
+                       mm_token_type_ids=q.token_types(batch["input_ids"], loaded.config)).logits
+    torch.testing.assert_close(plain, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_media_frame_rate_and_the_time_between_token_frames(tmp_path):
+    from helpers_media import indexed_frames, video_sample, write_frame_folder, write_video
+
+    from refvllm.data.decode import decode_sample
+    from refvllm.data.media import FrameFolderReader, VideoFileReader
+    from refvllm.data.schema import parse_sample
+    from refvllm.errors import DataError
+
+    frames = indexed_frames(16, 48, 64)
+    write_video(tmp_path / "v.mp4", frames, fps=10)
+    write_frame_folder(tmp_path / "f", frames[:4])
+    assert VideoFileReader(tmp_path / "v.mp4").fps == pytest.approx(10.0)
+    assert FrameFolderReader(tmp_path / "f").fps is None
+    decoded = decode_sample(parse_sample(video_sample("v.mp4"), 0), tmp_path, 4, 32)
+    assert decoded.fps == pytest.approx(10.0) and decoded.plan.frame_indices == [2, 6, 10, 14]
+    # stride 4 frames at 10 fps = 0.4 s a frame, 0.8 s per token frame of 2
+    assert q.seconds_per_token_frame(decoded.plan.frame_indices, decoded.fps, 2) == pytest.approx(0.8)
+    assert q.seconds_per_token_frame([0, 1, 5], None, 2, default_fps=2.0) == pytest.approx(2.5)
+    assert q.seconds_per_token_frame([3], 5.0, 2) == pytest.approx(0.4)
+    with pytest.raises(DataError, match="no frame rate") as e:
+        q.seconds_per_token_frame([0, 2], None, 2)
+    assert e.value.category == "frame_rate"
+
+
+# ------------------------------------------------------------------------------------------- processor
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from refvllm.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("vl-data")
+    files = generate(root, num_train=6, num_eval=0, seed=0, num_frames=4)
+    return root, files.train_file
+
+
+def _without_regions(record: dict) -> dict:
+    """A video sample of ``record``'s video with a question about no object."""
+    return {"id": "plain", "video": record["video"], "conversations": [
+        {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "A."}]}
+
+
+def _vlm_processor(tiny, num_frames=4):
+    from refvllm.layout import TokenLayout
+
+    layout = TokenLayout(grid=1, spatial_pool=1, temporal_pool=1, region_max_tokens=2, region_merge="merge")
+    # The synthetic videos are frame folders, which state no frame rate: the default stands in.
+    return q.VLMProcessor.from_checkpoint(tiny["path"], layout, max_length=4096, num_frames=num_frames,
+                                          default_fps=2.0)
+
+
+def test_processor_items_run_through_region_vlm_and_the_plain_model_accepts_their_visual_tokens(tiny, synthetic):
+    """Synthetic samples through the data path (decode at Qwen's aspect-kept size, the VLM's own ids and
+    pixels): RegionVLM trains on the batch, and plain transformers, given the same ids (regions ablated to
+    text) and pixels, finds exactly as many visual placeholders as the pixels give tokens."""
+    from refvllm.constants import REGION_TOKEN_ID
+    from refvllm.data.dataset import RefDataset
+
+    processor = _vlm_processor(tiny)
+    root, train_file = synthetic
+    dataset = RefDataset(train_file, root, processor, 4, processor.frame_size, "rescale")
+    items = [dataset[i] for i in range(len(dataset))]
+    assert all(isinstance(it, dict) for it in items), [getattr(it, "reason", None) for it in items]
+    kinds = {bool(it["visual_is_video"]) for it in items}
+    assert kinds == {True, False}  # videos and images both
+    for it in items:
+        t, h, w = it["visual_grid_thw"].tolist()
+        assert it["pixel_values"].shape == (t * h * w, 3 * 2 * 14 * 14)
+        assert it["region_masks"].shape[1:] == (h * 14, w * 14)  # masks at the frame size the model sees
+    model = _region_model(tiny).train()
+    batch = q.collate_vlm(items[:3], processor.pad_token_id)
+    out = model(batch, logits_at="labels")
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.region.mlp[0].weight.grad.abs().sum() > 0
+    vlm = tiny["model"]
+    ids = batch["input_ids"].masked_fill(batch["input_ids"] == REGION_TOKEN_ID, processor.pad_token_id)
+    video = batch["visual_is_video"]
+    rows = batch["visual_grid_thw"].prod(-1)
+    pixels = batch["pixel_values"].split(rows.tolist())
+    with torch.no_grad():
+        for i in range(3):  # one sample at a time: the plain model takes videos and images as separate inputs
+            key = "video" if video[i] else "image"
+            plain = vlm(input_ids=ids[i:i + 1], attention_mask=batch["attention_mask"][i:i + 1],
+                        **{("pixel_values_videos" if video[i] else "pixel_values"): pixels[i],
+                           f"{key}_grid_thw": batch["visual_grid_thw"][i:i + 1]},
+                        **({"second_per_grid_ts": batch["second_per_grid_ts"][i:i + 1]} if video[i] else {}),
+                        mm_token_type_ids=q.token_types(ids[i:i + 1], vlm.config))
+            assert torch.isfinite(plain.logits).all()
+
+
+def test_a_video_without_regions_through_the_processor_equals_the_plain_model(tiny, synthetic):
+    from refvllm.data.decode import decode_sample
+    from refvllm.data.schema import parse_sample
+
+    processor = _vlm_processor(tiny)
+    root, train_file = synthetic
+    raw = _without_regions(next(r for r in json.loads(Path(train_file).read_text()) if "video" in r))
+    decoded = decode_sample(parse_sample(raw, 0), root, 4, processor.frame_size)
+    batch = q.collate_vlm([processor.encode(decoded)], processor.pad_token_id)
+    vlm = tiny["model"]
+    with torch.no_grad():
+        ours = _region_model(tiny)(batch).logits
+        plain = vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["visual_grid_thw"],
+                    second_per_grid_ts=batch["second_per_grid_ts"],
+                    mm_token_type_ids=q.token_types(batch["input_ids"], vlm.config)).logits
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    assert batch["second_per_grid_ts"].item() > 0  # the synthetic video's real frame rate and the plan's stride
+
+
+def test_build_region_vlm_trainability_roles_and_masters(tiny):
+    from refvllm.config import load_config
+    from refvllm.model.build import parameter_counts, parameter_groups
+
+    model_cfg = load_config(None, ["model.train_projector=frozen", "model.lora.r=4", "model.lora.alpha=8",
+                                   "model.region.max_tokens=2"]).model
+    model = q.build_region_vlm(tiny["path"], model_cfg, dtype=torch.bfloat16, float32_masters=True)
+    counts = parameter_counts(model)
+    assert counts["vision"]["trainable"] == counts["projector"]["trainable"] == 0
+    assert 0 < counts["llm"]["trainable"] < counts["llm"]["total"]  # the adapters
+    assert counts["region"]["trainable"] == counts["region"]["total"] > 0
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(c["total"] for c in counts.values()) == total  # every parameter in exactly one role
+    assert counts["llm"]["dtypes"] == "float32 trainable, bfloat16 frozen"
+    groups = parameter_groups(model)
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad and n.startswith("vlm."))
+    assert {k for k, v in groups.items() if v} == {"llm", "region"}
+    merger_full = q.build_region_vlm(tiny["path"], load_config(None, ["model.lora.r=4"]).model)
+    assert parameter_counts(merger_full)["projector"]["trainable"] == parameter_counts(merger_full)["projector"][
+        "total"]  # train_projector=full (the assembled family's default) trains the merger
+
+
+def test_generation_equals_plain_transformers_and_batching_keeps_answers(tiny, synthetic):
+    """Greedy generation through RegionVLM (our embeddings, the VLM's own generate and positions) gives the
+    tokens of plain transformers' generate on the same prompt and pixels; batched left-padded prompts give
+    what they give alone."""
+    from refvllm.data.decode import decode_sample
+    from refvllm.data.schema import parse_sample
+
+    processor = _vlm_processor(tiny)
+    root, train_file = synthetic
+    records = json.loads(Path(train_file).read_text())
+    video = next(r for r in records if "video" in r)
+    plain_raw = _without_regions(video)
+    prompts = [processor.encode_prompt(decode_sample(parse_sample(raw, i), root, 4, processor.frame_size))
+               for i, raw in enumerate([plain_raw, video])]
+    model = _region_model(tiny)
+    vlm = tiny["model"]
+    greedy = {"max_new_tokens": 6, "do_sample": False, "repetition_penalty": 1.0, "top_k": None, "top_p": None,
+              "temperature": None}
+    alone = [model.generate(q.collate_vlm([p], processor.pad_token_id, "left"), **greedy)[0] for p in prompts]
+    batch = q.collate_vlm([prompts[0]], processor.pad_token_id, "left")
+    with torch.no_grad():
+        plain = vlm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["visual_grid_thw"],
+                             second_per_grid_ts=batch["second_per_grid_ts"],
+                             mm_token_type_ids=q.token_types(batch["input_ids"], vlm.config), **greedy)
+    assert alone[0].tolist() == plain[0, batch["input_ids"].shape[1]:].tolist()
+    together = model.generate(q.collate_vlm(prompts, processor.pad_token_id, "left"), **greedy)
+    for i in range(2):
+        assert together[i, : len(alone[i])].tolist() == alone[i].tolist()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from refvllm.errors import ModelInputError
-from refvllm.model.layout import TokenLayout
+from refvllm.layout import TokenLayout
 from refvllm.model.region import (
     RegionEncoder,
     mask_geometry,
@@ -309,3 +309,60 @@ def test_region_geometry_adds_displacement_from_first_frame():
     assert torch.allclose(geo[1, 6:], torch.zeros(2)) and torch.allclose(geo[2, 6:], torch.zeros(2))
     assert torch.allclose(geo[:, :6], mask_geometry(w.flatten(1), grid))
 
+
+
+# ------------------------------------------------------------------------------- rectangular patch grids
+
+
+def _naive_coverage(mask, rows, cols, patch):
+    """Loop over patches: the covered fraction of each patch's pixels."""
+    out = torch.zeros(rows, cols)
+    for i in range(rows):
+        for j in range(cols):
+            out[i, j] = mask[i * patch:(i + 1) * patch, j * patch:(j + 1) * patch].float().mean()
+    return out
+
+
+@pytest.mark.parametrize("height, width, rows, cols, patch", [
+    (28, 42, 2, 3, 14),  # a Qwen2.5-VL-like frame (14-px patches), width not a multiple of 8
+    (30, 45, 2, 3, 14),  # plus uncovered border rows and columns
+    (56, 28, 4, 2, 14),  # taller than wide
+    (24, 24, 3, 3, 8),  # square through the tuple form
+])
+def test_rectangular_area_weights_are_patch_coverage(height, width, rows, cols, patch):
+    g = torch.Generator().manual_seed(height * width)
+    masks = torch.rand(5, height, width, generator=g) > 0.6
+    weights = mask_patch_weights(masks, (rows, cols), patch, "area")
+    for m in range(5):
+        naive = _naive_coverage(masks[m], rows, cols, patch).flatten()
+        torch.testing.assert_close(weights[m], naive / naive.sum())
+
+
+def test_square_grid_as_int_or_pair_is_the_same():
+    masks = _random_masks(4)
+    for pooling in ("area", "binary"):
+        torch.testing.assert_close(mask_patch_weights(masks, GRID, PATCH, pooling),
+                                   mask_patch_weights(masks, (GRID, GRID), PATCH, pooling))
+
+
+def test_rectangular_geometry_uses_each_axis_own_extent():
+    w = torch.zeros(1, 2, 4)
+    w[0, 1, 3] = 1.0  # bottom row, last column
+    geo = mask_geometry(w.flatten(1), (2, 4))[0]
+    torch.testing.assert_close(geo, torch.tensor([3.5 / 4, 1.5 / 2, 3.5 / 4, 1.5 / 2, 3.5 / 4, 1.5 / 2]))
+
+
+def test_rectangular_binary_and_fallback():
+    masks = torch.zeros(2, 28, 42, dtype=torch.bool)
+    masks[0, 0:14, 28:42] = True  # the top-right patch exactly
+    masks[1, 27, 41] = True  # one pixel: binary resize to 2 x 3 may miss it, the fallback never does
+    for pooling in ("area", "binary"):
+        w = mask_patch_weights(masks, (2, 3), 14, pooling)
+        assert int(w[0].argmax()) == 2 and torch.allclose(w.sum(1), torch.ones(2))
+        assert int(w[1].argmax()) == 5  # bottom-right
+
+
+def test_masks_smaller_than_a_rectangular_grid_are_an_input_error():
+    with pytest.raises(ModelInputError, match=r"region masks are 28x30 pixels; the 2x3 patch grid needs at least "
+                                              r"28x42"):
+        mask_patch_weights(torch.ones(1, 28, 30, dtype=torch.bool), (2, 3), 14)

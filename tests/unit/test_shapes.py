@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from refvllm.config import load_config
+from refvllm.layout import load_visual_spec, make_token_layout
 from refvllm.model import shapes
-from refvllm.model.layout import load_visual_spec, make_token_layout
 from refvllm.model.tiny import DEFAULT_SYSTEM
 
 
@@ -19,8 +19,8 @@ def _spec_of(tmp_path, name: str, **overrides):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(shapes.VISION_SHAPES[name].preprocessor))
     cfg = load_config(None, [f"model.vision_path={tmp_path}", "model.llm_path=unused",
                              *(f"{k}={v}" for k, v in overrides.items())])
-    spec = load_visual_spec(cfg)
-    return spec, make_token_layout(cfg, spec)
+    spec = load_visual_spec(cfg.model)
+    return spec, make_token_layout(cfg.model, spec)
 
 
 def test_siglip_so400m_grid_leaves_a_6_pixel_border(tmp_path):

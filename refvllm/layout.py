@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from refvllm.config import Config
+from refvllm.config import ModelConfig
 from refvllm.errors import ConfigError
 from refvllm.hub import config_revision, resolve_file
 
@@ -68,14 +68,14 @@ def _vision_config_dict(vision_path: str, revision: str | None = None) -> dict:
     return data.get("vision_config", data)
 
 
-def load_visual_spec(cfg: Config) -> VisualSpec:
-    """Read image size, patch size and normalisation of ``cfg.model.vision_path`` (a local directory or a hub id,
+def load_visual_spec(model: ModelConfig) -> VisualSpec:
+    """Read image size, patch size and normalisation of ``model.vision_path`` (a local directory or a hub id,
     resolved like transformers does: hub cache, ``HF_HUB_OFFLINE``, revision).
 
     Normalisation comes from ``model.image_mean/std`` when set, else from the checkpoint's
     ``preprocessor_config.json``; a checkpoint without one and no config values is an error, not a guess.
     """
-    path, revision = cfg.model.vision_path, config_revision(cfg, "vision")
+    path, revision = model.vision_path, config_revision(model, "vision")
     vcfg = _vision_config_dict(path, revision)
     if "image_size" not in vcfg and "num_patches" in vcfg:
         # SigLIP2 NaFlex has no fixed size: feed it the square grid its position embeddings were trained on.
@@ -84,8 +84,8 @@ def load_visual_spec(cfg: Config) -> VisualSpec:
         image_size, patch_size = int(vcfg["image_size"]), int(vcfg["patch_size"])
     except KeyError as e:
         raise ConfigError(f"model.vision_path: config.json of '{path}' has no {e}") from None
-    if cfg.model.image_mean is not None:
-        mean, std = cfg.model.image_mean, cfg.model.image_std
+    if model.image_mean is not None:
+        mean, std = model.image_mean, model.image_std
     else:
         mean, std = _normalisation(path, revision)
     return VisualSpec(image_size, patch_size, tuple(mean), tuple(std))
@@ -105,12 +105,12 @@ def _normalisation(vision_path: str, revision: str | None) -> tuple[list[float],
                           "model.image_mean and model.image_std in the config") from None
 
 
-def make_token_layout(cfg: Config, spec: VisualSpec) -> TokenLayout:
-    """The layout for this config and vision tower."""
+def make_token_layout(model: ModelConfig, spec: VisualSpec) -> TokenLayout:
+    """The layout for the model config ``model`` (``cfg.model``) and vision tower."""
     return TokenLayout(
         grid=spec.grid,
-        spatial_pool=cfg.model.projector.spatial_pool,
-        temporal_pool=cfg.model.projector.temporal_pool,
-        region_max_tokens=cfg.model.region.max_tokens,
-        region_merge=cfg.model.region.merge,
+        spatial_pool=model.projector.spatial_pool,
+        temporal_pool=model.projector.temporal_pool,
+        region_max_tokens=model.region.max_tokens,
+        region_merge=model.region.merge,
     )
