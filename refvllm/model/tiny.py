@@ -9,6 +9,7 @@ Contract:
     write_tiny_llm(path, seed=0, kind="qwen2" | "llama")        # model + generation_config + tokenizer
 
     refvllm tiny-model OUT [--seed N] [--vision siglip|clip|siglip2] [--llm qwen2|llama]
+    refvllm tiny-model OUT --family qwen2_5_vl [--seed N]      # OUT/vlm: a tiny Qwen2.5-VL (qwen2_5_vl.py)
 
 Vision: 64 x 64 input, 8 x 8 patches (an 8 x 8 grid), width 64, 2 layers; ``preprocessor_config.json`` holds
 ``image_mean``/``image_std``/``size`` (read by :func:`refvllm.layout.load_visual_spec`).
@@ -278,10 +279,30 @@ def write_tiny_checkpoints(out_dir: str | os.PathLike, seed: int = 0, vision: st
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="refvllm tiny-model", description=__doc__.split("\n")[0])
-    parser.add_argument("out", help="output directory (gets vision/ and llm/)")
+    parser.add_argument("out", help="output directory (gets vision/ and llm/, or vlm/ with --family qwen2_5_vl)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=("assembled", "qwen2_5_vl"), default="assembled",
+                        help="assembled: a vision tower + a text LLM (default); qwen2_5_vl: one pretrained-VLM "
+                             "checkpoint with its processor files")
     parser.add_argument("--vision", choices=VISION_KINDS, default="siglip")
     parser.add_argument("--llm", choices=LLM_KINDS, default="qwen2")
     args = parser.parse_args(argv)
+    if args.family == "qwen2_5_vl":
+        print(json.dumps({"vlm": write_tiny_vlm(Path(args.out) / "vlm", args.seed)}))
+        return 0
     print(json.dumps(write_tiny_checkpoints(args.out, args.seed, args.vision, args.llm)))
     return 0
+
+
+def write_tiny_vlm(path: str | os.PathLike, seed: int = 0) -> str:
+    """A tiny Qwen2.5-VL at ``path`` (an existing one is replaced, as :func:`write_tiny_checkpoints` does),
+    float32, its generation config greedy as the tiny LLM's; see
+    :func:`refvllm.model.qwen2_5_vl.write_checkpoint`."""
+    from refvllm.model.qwen2_5_vl import write_checkpoint
+
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    with _atomic_dir(path) as tmp:
+        write_checkpoint(tmp, "tiny", seed=seed, dtype=torch.float32, sampling=False)
+    return str(path)

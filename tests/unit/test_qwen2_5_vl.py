@@ -460,3 +460,22 @@ def test_generation_equals_plain_transformers_and_batching_keeps_answers(tiny, s
     together = model.generate(q.collate_vlm(prompts, processor.pad_token_id, "left"), **greedy)
     for i in range(2):
         assert together[i, : len(alone[i])].tolist() == alone[i].tolist()
+
+
+def test_tiny_model_command_writes_a_vlm_plain_transformers_loads(tmp_path, capsys):
+    """``refvllm tiny-model OUT --family qwen2_5_vl``: OUT/vlm, deterministic for a seed, loaded by plain
+    transformers with its tokenizer and image processor."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from refvllm.cli import main as cli
+
+    assert cli(["tiny-model", str(tmp_path / "a"), "--family", "qwen2_5_vl", "--seed", "3"]) == 0
+    path = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["vlm"]
+    assert path == str(tmp_path / "a" / "vlm")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    assert AutoTokenizer.from_pretrained(path).convert_tokens_to_ids("<|video_pad|>") == model.config.video_token_id
+    assert AutoImageProcessor.from_pretrained(path) is not None
+    assert not model.generation_config.do_sample
+    assert cli(["tiny-model", str(tmp_path / "b"), "--family", "qwen2_5_vl", "--seed", "3"]) == 0
+    same = [(tmp_path / d / "vlm" / "model.safetensors").read_bytes() for d in ("a", "b")]
+    assert same[0] == same[1]
