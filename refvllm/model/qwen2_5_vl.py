@@ -296,7 +296,7 @@ def token_types(input_ids: torch.Tensor, config) -> torch.Tensor:
 
 
 def position_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 video_grid_thw: torch.Tensor | None, second_per_grid_ts: torch.Tensor | None,
+                 video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
                  image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
     """mRoPE position ids [3, B, L] from the model's own ``get_rope_index`` (whatever rule the installed
     transformers follows for the text after a video)."""
@@ -361,23 +361,19 @@ class RegionVLM(nn.Module):
         base = base_vlm(self.vlm)
         return ParameterView(base.model.language_model, extra=(("lm_head", base.lm_head),))
 
-    def _visuals(self, batch: dict) -> list[torch.Tensor]:
-        """One vision pass over every visual -> merged tokens per visual [t*h*w/m^2, D]."""
-        grids = batch["visual_grid_thw"]
-        merged = merged_features(self.vlm, batch["pixel_values"], grids)
-        m = self.config.vision_config.spatial_merge_size
-        return list(merged.split((grids.prod(-1) // (m * m)).tolist()))
-
-    def _regions(self, batch: dict, visuals: list[torch.Tensor]) -> torch.Tensor:
-        """Region tokens [N_R, D] from the masks, pooled on each visual's token frames."""
+    def _regions(self, batch: dict, merged: torch.Tensor) -> torch.Tensor:
+        """Region tokens [N_R, D] from the masks, pooled on each visual's token frames of the merged tokens
+        [sum_v t*h*w/m^2, D] (every visual's, in batch order)."""
         masks = batch["region_masks"]
         if masks.shape[0] == 0:
-            return self.region(visuals[0][:0, None], masks, *(batch[k] for k in (
+            return self.region(merged[:0, None], masks, *(batch[k] for k in (
                 "region_frame_index", "region_object_index")), 0)
         vision = self.config.vision_config
         m, p, tp = vision.spatial_merge_size, vision.patch_size, vision.temporal_patch_size
+        grids = batch["visual_grid_thw"]
         groups = []
-        for tokens, (t, h, w) in zip(visuals, batch["visual_grid_thw"].tolist(), strict=True):
+        for tokens, (t, h, w) in zip(merged.split((grids.prod(-1) // (m * m)).tolist()), grids.tolist(),
+                                     strict=True):
             groups.append((tokens.reshape(t, (h // m) * (w // m), -1), (h // m, w // m), p * m))
         visual_index, frame = batch["region_visual_index"], batch["region_frame_index"]
         is_video = batch["visual_is_video"][visual_index]
@@ -388,20 +384,35 @@ class RegionVLM(nn.Module):
         key_frame = visual_index * (int(frame.max()) + 1) + frame
         return self.region.mlp(self.region.merge(pooled, key_frame, objects, num_objects))
 
-    def embed(self, batch: dict, ablate_regions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs_embeds [B, L, D] with visual and region tokens in place, position_ids [3, B, L])."""
+    def _text_ids(self, batch: dict) -> torch.Tensor:
+        """``input_ids`` with the region sentinels as the pad id: region tokens are text positions."""
+        return batch["input_ids"].masked_fill(batch["input_ids"] == REGION_TOKEN_ID, self.pad_token_id)
+
+    @staticmethod
+    def _rope_inputs(batch: dict) -> dict:
+        """The grids (and videos' seconds per token frame) ``get_rope_index`` takes, split by modality; a
+        modality the batch does not have is left out."""
+        grids, is_video = batch["visual_grid_thw"], batch["visual_is_video"]
+        out = {}
+        if is_video.any():
+            out.update(video_grid_thw=grids[is_video], second_per_grid_ts=batch["second_per_grid_ts"][is_video])
+        if (~is_video).any():
+            out["image_grid_thw"] = grids[~is_video]
+        return out
+
+    def embed(self, batch: dict, ablate_regions: bool = False) -> torch.Tensor:
+        """inputs_embeds [B, L, D] with the visual and region tokens in place (one vision pass)."""
         ids = batch["input_ids"]
         config = self.config
         is_region = ids == REGION_TOKEN_ID
         is_visual = (ids == config.video_token_id) | (ids == config.image_token_id)
-        visuals = self._visuals(batch)
-        region = self._regions(batch, visuals)
+        merged = merged_features(self.vlm, batch["pixel_values"], batch["visual_grid_thw"])
+        region = self._regions(batch, merged)
         if int(is_region.sum()) != region.shape[0]:
             raise ModelInputError(f"the batch has {int(is_region.sum())} region placeholder positions but "
                                   f"{region.shape[0]} region tokens")
-        clean = ids.masked_fill(is_region, self.pad_token_id)  # region tokens are text positions
-        embeds = self.vlm.get_input_embeddings()(clean)
-        merged = torch.cat(visuals).to(embeds.dtype)
+        embeds = self.vlm.get_input_embeddings()(self._text_ids(batch))
+        merged = merged.to(embeds.dtype)
         if int(is_visual.sum()) != merged.shape[0]:
             raise ModelInputError(f"the batch has {int(is_visual.sum())} visual placeholder positions but "
                                   f"{merged.shape[0]} visual tokens")
@@ -410,18 +421,16 @@ class RegionVLM(nn.Module):
             region = torch.zeros_like(region)
         elif self.training and self.region_dropout > 0 and region.shape[0]:
             region = drop_regions(region, is_region, self.region_dropout)
-        embeds = embeds.masked_scatter(is_visual[..., None], merged).masked_scatter(is_region[..., None], region)
-        grids, is_video = batch["visual_grid_thw"], batch["visual_is_video"]
-        seconds = batch.get("second_per_grid_ts")
-        positions = position_ids(self.vlm, clean, batch["attention_mask"], grids[is_video] if is_video.any() else None,
-                                 seconds[is_video] if seconds is not None and is_video.any() else None,
-                                 grids[~is_video] if (~is_video).any() else None)
-        return embeds, positions
+        return embeds.masked_scatter(is_visual[..., None], merged).masked_scatter(is_region[..., None], region)
+
+    def positions(self, batch: dict) -> torch.Tensor:
+        """mRoPE position ids [3, B, L] of the batch (:func:`position_ids`)."""
+        return position_ids(self.vlm, self._text_ids(batch), batch["attention_mask"], **self._rope_inputs(batch))
 
     def forward(self, batch: dict, loss_normalizer: float | None = None, ablate_regions: bool = False,
                 logits_at: str = "all") -> CausalLMOutputWithPast:
         """Logits, and the next-token loss when ``labels`` are in the batch (as ``RefVLM.forward``)."""
-        embeds, positions = self.embed(batch, ablate_regions)
+        embeds, positions = self.embed(batch, ablate_regions), self.positions(batch)
         labels = batch.get("labels")
         keep = label_positions(labels, logits_at, embeds.device)
         out = self.vlm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=positions,
@@ -438,18 +447,12 @@ class RegionVLM(nn.Module):
         mask = batch["attention_mask"]
         if mask.shape[0] > 1 and bool((mask[:, -1] == 0).any()):
             raise ModelInputError("generate needs a left-padded batch (collate_vlm(..., padding_side='left'))")
-        embeds, _ = self.embed(batch, ablate_regions)
-        ids = batch["input_ids"].masked_fill(batch["input_ids"] == REGION_TOKEN_ID, self.pad_token_id)
-        grids, is_video = batch["visual_grid_thw"], batch["visual_is_video"]
-        visual = {"mm_token_type_ids": token_types(ids, self.config)}
-        if is_video.any():
-            visual.update(video_grid_thw=grids[is_video], second_per_grid_ts=batch["second_per_grid_ts"][is_video])
-        if (~is_video).any():
-            visual["image_grid_thw"] = grids[~is_video]
+        embeds, ids = self.embed(batch, ablate_regions), self._text_ids(batch)
         base_vlm(self.vlm).model.rope_deltas = None  # no offsets left from an earlier prompt
         generation_kwargs.setdefault("use_cache", True)
         generation_kwargs.setdefault("pad_token_id", self.pad_token_id)
-        out = self.vlm.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, **visual,
+        out = self.vlm.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=mask,
+                                mm_token_type_ids=token_types(ids, self.config), **self._rope_inputs(batch),
                                 **generation_kwargs)
         return out[:, ids.shape[1]:]  # given ids, generate returns the prompt too
 

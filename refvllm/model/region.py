@@ -255,14 +255,11 @@ class RegionEncoder(nn.Module):
         if int(region_frame_index.max()) >= features.shape[0] or int(region_frame_index.min()) < 0:
             raise ModelInputError(f"region_frame_index holds frame {int(region_frame_index.max())} but the batch "
                                   f"has {features.shape[0]} frames")
-        weights = mask_patch_weights(region_masks, self.layout.grid, self.patch_size, self.pooling)
-        pooled = pool_regions(features, weights, region_frame_index)
-        if self.geometry is not None:
-            if region_object_index is None:
-                raise ValueError("region geometry needs region_object_index and num_objects")
-            geo = region_geometry(weights, self.layout.grid, region_frame_index, region_object_index, num_objects)
-            pooled = pooled + self.geometry(geo.to(pooled.dtype))
-        return pooled
+        if self.geometry is not None and region_object_index is None:
+            raise ValueError("region geometry needs region_object_index and num_objects")
+        objects = region_object_index if region_object_index is not None else torch.zeros_like(region_frame_index)
+        return self.pool_groups([(features, self.layout.grid, self.patch_size)], region_masks,
+                                torch.zeros_like(region_frame_index), region_frame_index, objects, num_objects)
 
     def pool_groups(self, groups: list[tuple[torch.Tensor, Grid, int]], region_masks: torch.Tensor,
                     group_index: torch.Tensor, frame_index: torch.Tensor, region_object_index: torch.Tensor,
@@ -271,8 +268,9 @@ class RegionEncoder(nn.Module):
         ratio, so each has its own patch grid): ``groups[g] = (features [F_g, rows_g*cols_g, D], (rows_g,
         cols_g), patch_g)``; mask m (bool [N_M, H, W], zero-padded beyond its group's grid) pools frame
         ``frame_index[m]`` of group ``group_index[m]``. -> [N_M, D] pooled features in mask order."""
-        pooled = region_masks.new_zeros(len(region_masks), groups[0][0].shape[-1], dtype=groups[0][0].dtype)
-        geo = region_masks.new_zeros(len(region_masks), 6, dtype=torch.float32)
+        n = len(region_masks)
+        geo = region_masks.new_zeros(n, 6, dtype=torch.float32) if self.geometry is not None else None
+        parts = []  # (mask rows, their pooled features) per group
         for g, (features, grid, patch) in enumerate(groups):
             rows = (group_index == g).nonzero().flatten()
             if len(rows) == 0:
@@ -281,9 +279,17 @@ class RegionEncoder(nn.Module):
                 raise ModelInputError(f"a region mask is on frame {int(frame_index[rows].max())} of visual {g}, "
                                       f"which has {features.shape[0]} frames")
             weights = mask_patch_weights(region_masks[rows], grid, patch, self.pooling)
-            pooled[rows] = pool_regions(features, weights, frame_index[rows])
+            parts.append((rows, pool_regions(features, weights, frame_index[rows])))
             if self.geometry is not None:
                 geo[rows] = mask_geometry(weights, grid)
+        if not parts:  # no masks at all
+            return groups[0][0].new_zeros(0, groups[0][0].shape[-1])
+        if len(parts) == 1 and len(parts[0][0]) == n:  # one group holds every mask, in order: no scatter
+            pooled = parts[0][1]
+        else:  # the dtype of the pooling's output (autocast may make it bf16), not of the features
+            pooled = parts[0][1].new_zeros(n, parts[0][1].shape[-1])
+            for rows, part in parts:
+                pooled[rows] = part
         if self.geometry is not None:
             # Displacement in time order within an object: (group, frame) keys, one group per object.
             key = group_index * (int(frame_index.max()) + 1) + frame_index

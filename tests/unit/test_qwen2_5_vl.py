@@ -132,8 +132,9 @@ def _region_model(tiny, max_tokens: int = 2, seed: int = 0):
 
 def _sample(tiny, frames: np.ndarray, fps: float, objects: list[list[tuple[int, torch.Tensor]]],
             question: str = f"What is {MARK} doing?") -> dict:
-    """One sample as the batch fields of RegionVLM (before collation): ids with the video run expanded and the
-    region runs of ``objects`` (each a list of (frame, mask)) at the question's marks."""
+    """One sample as a :func:`q.collate_vlm` item (what VLMProcessor.encode returns, built by hand here): ids
+    with the video run expanded and the region runs of ``objects`` (each a list of (frame, mask)) at the
+    question's marks."""
     from refvllm.constants import REGION_TOKEN_ID
 
     pixels, grid = q.video_patches(frames, tiny["pre"])
@@ -148,41 +149,28 @@ def _sample(tiny, frames: np.ndarray, fps: float, objects: list[list[tuple[int, 
         ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
         if k < len(objects):
             ids += [REGION_TOKEN_ID] * min(2, len(objects[k]))
-    return {"ids": ids, "pixels": pixels, "grid": grid, "seconds": 2 / fps, "objects": objects}
+    masks = [(f, k, m) for k, o in enumerate(objects) for f, m in o]
+    size = (grid[1] * 14, grid[2] * 14)
+    return {"input_ids": torch.tensor(ids), "pixel_values": pixels, "visual_grid_thw": torch.tensor(grid),
+            "visual_is_video": True, "second_per_grid_ts": 2 / fps,
+            "region_masks": torch.stack([m for _, _, m in masks]) if masks else torch.zeros(0, *size, dtype=torch.bool),
+            "region_frame_index": torch.tensor([f for f, _, _ in masks], dtype=torch.long),
+            "region_object_index": torch.tensor([k for _, k, _ in masks], dtype=torch.long),
+            "num_objects": len(objects)}
 
 
-def _collate(samples: list[dict], pad_id: int) -> dict:
-    """Right-padded batch of :func:`_sample` outputs (one video each)."""
-    length = max(len(s["ids"]) for s in samples)
-    ids = torch.full((len(samples), length), pad_id)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(samples):
-        ids[i, : len(s["ids"])] = torch.tensor(s["ids"])
-        mask[i, : len(s["ids"])] = 1
-    masks, visual, frame, obj, obj_sample = [], [], [], [], []
-    height = max(m.shape[0] for s in samples for o in s["objects"] for _, m in o) if any(
-        s["objects"] for s in samples) else 1
-    width = max(m.shape[1] for s in samples for o in s["objects"] for _, m in o) if any(
-        s["objects"] for s in samples) else 1
-    for i, s in enumerate(samples):
-        for o in s["objects"]:
-            for f, m in o:
-                padded = torch.zeros(height, width, dtype=torch.bool)
-                padded[: m.shape[0], : m.shape[1]] = m
-                masks.append(padded)
-                visual.append(i)
-                frame.append(f)
-                obj.append(len(obj_sample))
-            obj_sample.append(i)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat([s["pixels"] for s in samples]),
-            "visual_grid_thw": torch.tensor([s["grid"] for s in samples]),
-            "visual_is_video": torch.ones(len(samples), dtype=torch.bool),
-            "second_per_grid_ts": torch.tensor([s["seconds"] for s in samples]),
-            "region_masks": torch.stack(masks) if masks else torch.zeros(0, height, width, dtype=torch.bool),
-            "region_visual_index": torch.tensor(visual, dtype=torch.long),
-            "region_frame_index": torch.tensor(frame, dtype=torch.long),
-            "region_object_index": torch.tensor(obj, dtype=torch.long),
-            "object_sample_index": torch.tensor(obj_sample, dtype=torch.long)}
+def _plain_inputs(vlm, batch: dict) -> dict:
+    """A RegionVLM batch of videos as plain transformers' inputs: ids, pixels, grids, seconds, token types."""
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "pixel_values_videos": batch["pixel_values"], "video_grid_thw": batch["visual_grid_thw"],
+            "second_per_grid_ts": batch["second_per_grid_ts"],
+            "mm_token_type_ids": q.token_types(batch["input_ids"], vlm.config)}
+
+
+def _plain_logits(vlm, batch: dict) -> torch.Tensor:
+    """Plain transformers' forward on a batch of videos: its own vision pass, placeholders and positions."""
+    with torch.no_grad():
+        return vlm(**_plain_inputs(vlm, batch)).logits
 
 
 def _cell_mask(height: int, width: int, row: int, col: int) -> torch.Tensor:
@@ -195,15 +183,10 @@ def _cell_mask(height: int, width: int, row: int, col: int) -> torch.Tensor:
 def test_region_vlm_without_regions_is_the_plain_vlm(tiny):
     model = _region_model(tiny)
     sample = _sample(tiny, _frames(4, 56, 84, seed=3), 2.0, [], question="What happens?")
-    batch = _collate([sample], tiny["tokenizer"].pad_token_id)
-    vlm = tiny["model"]
+    batch = q.collate_vlm([sample], tiny["tokenizer"].pad_token_id)
     with torch.no_grad():
         ours = model(batch).logits
-        plain = vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["visual_grid_thw"],
-                    second_per_grid_ts=batch["second_per_grid_ts"],
-                    mm_token_type_ids=q.token_types(batch["input_ids"], vlm.config)).logits
-    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, _plain_logits(tiny["model"], batch), rtol=1e-5, atol=1e-5)
 
 
 def test_region_tokens_pool_the_merged_tokens_of_their_token_frame(tiny):
@@ -215,11 +198,12 @@ def test_region_tokens_pool_the_merged_tokens_of_their_token_frame(tiny):
     model.region.mlp = torch.nn.Identity()
     frames = _frames(4, 56, 84, seed=4)
     objects = [[(0, _cell_mask(56, 84, 0, 1)), (1, _cell_mask(56, 84, 0, 1))], [(2, _cell_mask(56, 84, 1, 2))]]
-    batch = _collate([_sample(tiny, frames, 2.0, objects, question=f"Is {MARK} near {MARK}?")],
-                     tiny["tokenizer"].pad_token_id)
+    batch = q.collate_vlm([_sample(tiny, frames, 2.0, objects, question=f"Is {MARK} near {MARK}?")],
+                          tiny["tokenizer"].pad_token_id)
     with torch.no_grad():
-        embeds, _ = model.embed(batch)
-        merged = model._visuals(batch)[0].reshape(2, 2, 3, -1)  # (token frame, row, col)
+        embeds = model.embed(batch)
+        merged = q.merged_features(model.vlm, batch["pixel_values"], batch["visual_grid_thw"])
+    merged = merged.reshape(2, 2, 3, -1)  # the one video's (token frame, row, col)
     region = embeds[0, batch["input_ids"][0] == REGION_TOKEN_ID]
     assert region.shape[0] == 3
     torch.testing.assert_close(region[0], merged[0, 0, 1])
@@ -233,8 +217,8 @@ def test_region_vlm_trains_the_region_encoder_and_changes_the_answer(tiny):
     model = _region_model(tiny).train()
     sample = _sample(tiny, _frames(4, 56, 84, seed=5), 2.0, [[(0, _cell_mask(56, 84, 1, 0))]])
     answer = tiny["tokenizer"]("It moves left.<|im_end|>", add_special_tokens=False)["input_ids"]
-    sample["ids"] += answer
-    batch = _collate([sample], tiny["tokenizer"].pad_token_id)
+    sample["input_ids"] = torch.cat([sample["input_ids"], torch.tensor(answer)])
+    batch = q.collate_vlm([sample], tiny["tokenizer"].pad_token_id)
     labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
     labels[0, -len(answer):] = torch.tensor(answer)
     batch["labels"] = labels
@@ -257,10 +241,10 @@ def test_batch_of_different_frame_sizes_equals_each_sample_alone(tiny):
                 question=f"Where does {MARK} go next, and why?")
     pad = tiny["tokenizer"].pad_token_id
     with torch.no_grad():
-        together = model(_collate([a, b], pad)).logits
+        together = model(q.collate_vlm([a, b], pad)).logits
         for i, s in enumerate((a, b)):
-            alone = model(_collate([s], pad)).logits[0]
-            torch.testing.assert_close(together[i, : len(s["ids"])], alone, rtol=1e-4, atol=1e-5)
+            alone = model(q.collate_vlm([s], pad)).logits[0]
+            torch.testing.assert_close(together[i, : len(s["input_ids"])], alone, rtol=1e-4, atol=1e-5)
 
 
 def test_lora_on_the_language_model_only_and_a_merge_plain_transformers_loads(tiny, tmp_path):
@@ -277,8 +261,8 @@ def test_lora_on_the_language_model_only_and_a_merge_plain_transformers_loads(ti
                                                   "down_proj"}
     model = _region_model(tiny)
     model.vlm = peft_vlm
-    batch = _collate([_sample(tiny, _frames(4, 56, 84, seed=8), 2.0, [], question="What happens?")],
-                     tiny["tokenizer"].pad_token_id)
+    batch = q.collate_vlm([_sample(tiny, _frames(4, 56, 84, seed=8), 2.0, [], question="What happens?")],
+                          tiny["tokenizer"].pad_token_id)
     with torch.no_grad():
         initial = model(batch).logits
         for name, p in peft_vlm.named_parameters():
@@ -291,12 +275,7 @@ def test_lora_on_the_language_model_only_and_a_merge_plain_transformers_loads(ti
     merged = peft_vlm.merge_and_unload()
     merged.save_pretrained(tmp_path / "merged")
     loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
-    with torch.no_grad():
-        plain = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["visual_grid_thw"],
-                       second_per_grid_ts=batch["second_per_grid_ts"],
-                       mm_token_type_ids=q.token_types(batch["input_ids"], loaded.config)).logits
-    torch.testing.assert_close(plain, trained, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_plain_logits(loaded, batch), trained, rtol=1e-4, atol=1e-4)
 
 
 def test_media_frame_rate_and_the_time_between_token_frames(tmp_path):
@@ -398,14 +377,9 @@ def test_a_video_without_regions_through_the_processor_equals_the_plain_model(ti
     raw = _without_regions(next(r for r in json.loads(Path(train_file).read_text()) if "video" in r))
     decoded = decode_sample(parse_sample(raw, 0), root, 4, processor.frame_size)
     batch = q.collate_vlm([processor.encode(decoded)], processor.pad_token_id)
-    vlm = tiny["model"]
     with torch.no_grad():
         ours = _region_model(tiny)(batch).logits
-        plain = vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["visual_grid_thw"],
-                    second_per_grid_ts=batch["second_per_grid_ts"],
-                    mm_token_type_ids=q.token_types(batch["input_ids"], vlm.config)).logits
-    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, _plain_logits(tiny["model"], batch), rtol=1e-5, atol=1e-5)
     assert batch["second_per_grid_ts"].item() > 0  # the synthetic video's real frame rate and the plan's stride
 
 
@@ -452,10 +426,7 @@ def test_generation_equals_plain_transformers_and_batching_keeps_answers(tiny, s
     alone = [model.generate(q.collate_vlm([p], processor.pad_token_id, "left"), **greedy)[0] for p in prompts]
     batch = q.collate_vlm([prompts[0]], processor.pad_token_id, "left")
     with torch.no_grad():
-        plain = vlm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["visual_grid_thw"],
-                             second_per_grid_ts=batch["second_per_grid_ts"],
-                             mm_token_type_ids=q.token_types(batch["input_ids"], vlm.config), **greedy)
+        plain = vlm.generate(**_plain_inputs(vlm, batch), **greedy)
     assert alone[0].tolist() == plain[0, batch["input_ids"].shape[1]:].tolist()
     together = model.generate(q.collate_vlm(prompts, processor.pad_token_id, "left"), **greedy)
     for i in range(2):
