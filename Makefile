@@ -1,6 +1,7 @@
 # refvllm: set-up, demo, tests. Every target installs what it needs into .venv first.
 #
 #   make demo   the embedded default end to end (synthetic data, tiny checkpoints, training, eval)
+#   make demo-vlm   the same on a tiny pretrained-VLM family (a tiny Qwen2.5-VL, configs/demo_vlm.yaml)
 #   make test   the test suite (what CI runs)
 #
 # torch: on a machine without an NVIDIA GPU the CPU build is installed first (TORCH_CPU), so the package's
@@ -13,8 +14,9 @@ BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DEMO_DIR ?= runs/demo
+DEMO_CONFIG ?= configs/demo.yaml
 
-.PHONY: install demo demo-data train eval test test-fast lint bench clean
+.PHONY: install demo demo-vlm demo-data train eval test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -29,13 +31,17 @@ $(STAMP): pyproject.toml
 # The embedded default, end to end: data (validated, one sample rendered), training, evaluation.
 demo: $(STAMP) demo-data train eval
 
+# The same steps on the Qwen2.5-VL family: its config's paths are under runs/demo-vlm.
+demo-vlm: $(STAMP)
+	$(MAKE) demo DEMO_DIR=runs/demo-vlm DEMO_CONFIG=configs/demo_vlm.yaml
+
 demo-data: $(STAMP)
 	$(BIN)/refvllm synth $(DEMO_DIR)/data --train 4000 --eval 960 --seed 0
 	$(BIN)/refvllm validate $(DEMO_DIR)/data/train.json --data-root $(DEMO_DIR)/data --report $(DEMO_DIR)/data/validate.jsonl
 	$(BIN)/refvllm show $(DEMO_DIR)/data/train.json --data-root $(DEMO_DIR)/data --index 0 --out $(DEMO_DIR)/sample.png
 
 train: $(STAMP)
-	$(BIN)/accelerate launch --num_processes 1 scripts/train.py --config configs/demo.yaml
+	$(BIN)/accelerate launch --num_processes 1 scripts/train.py --config $(DEMO_CONFIG)
 
 # Evaluates the newest demo checkpoint on the eval split and on a fresh split generated with another seed, each
 # as is and with the region tokens zeroed (--ablate-regions). 120 questions per type: a region-blind guesser

@@ -12,7 +12,7 @@ A training checkpoint, ``OUTPUT_DIR/checkpoint-STEP/`` (written by refvllm/train
 
 An export (written by refvllm/export.py, docs/export.md)::
 
-    config.yaml adapter/ extra_trainables.safetensors tokenizer/ [merged_llm/] export.json
+    config.yaml adapter/ extra_trainables.safetensors tokenizer/ [merged_llm/ | merged_vlm/] export.json
 
 Contract::
 
@@ -45,7 +45,8 @@ SCHEDULER_FILE = "scheduler.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 EXPORT_MANIFEST = "export.json"
 TOKENIZER_DIR = "tokenizer"
-MERGED_DIR = "merged_llm"
+MERGED_DIR = "merged_llm"  # the assembled family's merged LLM
+MERGED_VLM_DIR = "merged_vlm"  # a pretrained VLM family's merged VLM
 _CKPT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -112,20 +113,23 @@ def check_loadable(path: Path) -> None:
 
 
 def _module_params(model, module: str) -> list[tuple[str, torch.nn.Parameter]]:
-    """``model.named_parameters()`` of one of vision, projector, region, llm (tied weights once)."""
-    return [(name, p) for name, p in model.named_parameters() if name.startswith(module + ".")]
+    """``model.named_parameters()`` of one role (vision, projector, region, llm: a submodule of the assembled
+    family, a view of the VLM's own modules in a pretrained family), tied weights once."""
+    members = {id(p) for p in getattr(model, module).parameters()}
+    return [(name, p) for name, p in model.named_parameters() if id(p) in members]
 
 
 def extra_trainable_names(model) -> list[str]:
-    """The parameters a checkpoint must hold besides the HF base checkpoints and the LLM's PEFT adapter:
-    all of projector and region encoder (trained or not: they start random), the trainable vision
-    parameters (full or LoRA), and the trainable LLM parameters unless the LLM is a PEFT model."""
-    from peft import PeftModel
-
-    names = [n for module in ("projector", "region") for n, _ in _module_params(model, module)]
-    names += [n for n, p in _module_params(model, "vision") if p.requires_grad]
-    if not isinstance(model.llm, PeftModel):
-        names += [n for n, p in _module_params(model, "llm") if p.requires_grad]
+    """The parameters a checkpoint must hold besides the HF base checkpoints and the PEFT adapter: all of the
+    roles that start random (``model.FRESH_ROLES``: projector and region encoder of the assembled family, the
+    region encoder of a pretrained VLM; trained or not), the trainable parameters of every other role, except
+    the LoRA weights the adapter holds (a PEFT model's)."""
+    adapter = {id(p) for n, p in model.adapter_model.named_parameters() if "lora_" in n} \
+        if model.adapter_model is not None else set()
+    names = [n for module in model.FRESH_ROLES for n, _ in _module_params(model, module)]
+    for module in ("vision", "projector", "llm"):
+        if module not in model.FRESH_ROLES:
+            names += [n for n, p in _module_params(model, module) if p.requires_grad and id(p) not in adapter]
     return names
 
 
@@ -138,11 +142,9 @@ def extra_trainable_params(model) -> list[torch.nn.Parameter]:
 def save_trained_weights(model, directory: str | Path) -> None:
     """``directory/adapter/`` (the LLM's LoRA adapter, plain PEFT layout, when it has one) and
     ``directory/extra_trainables.safetensors`` (:func:`save_extra_trainables`)."""
-    from peft import PeftModel
-
     directory = Path(directory)
-    if isinstance(model.llm, PeftModel):
-        model.llm.save_pretrained(str(directory / ADAPTER_DIR))
+    if model.adapter_model is not None:
+        model.adapter_model.save_pretrained(str(directory / ADAPTER_DIR))
     save_extra_trainables(model, directory)
 
 
@@ -190,20 +192,20 @@ def load_extra_trainables(model, directory: str | Path) -> None:
 
 
 def load_llm_adapter(model, directory: str | Path) -> None:
-    """Load a PEFT adapter saved by ``model.llm.save_pretrained`` into the (LoRA-wrapped) LLM of ``model``.
+    """Load a PEFT adapter saved by ``model.adapter_model.save_pretrained`` into the PEFT model of ``model``.
     Every LoRA weight of the model must be in the file and nothing else (ConfigError otherwise)."""
-    from peft import PeftModel
     from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
-    if not isinstance(model.llm, PeftModel):
+    peft_model = model.adapter_model
+    if peft_model is None:
         raise ConfigError("load_llm_adapter: the model's LLM has no LoRA adapter (model.train_llm is not 'lora')")
     weights = load_peft_weights(str(directory), device="cpu")
-    expected = set(get_peft_model_state_dict(model.llm))
+    expected = set(get_peft_model_state_dict(peft_model))
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:
         raise ConfigError(f"adapter '{directory}' does not match the model: missing {_few(missing)}, "
                           f"unexpected {_few(unexpected)}")
-    set_peft_model_state_dict(model.llm, weights)
+    set_peft_model_state_dict(peft_model, weights)
 
 
 def _few(names: list[str], n: int = 5) -> str:
@@ -226,11 +228,11 @@ def load_config_of(path: str | os.PathLike, overrides: list[str] | None = None) 
 def load_for_inference(path: str | os.PathLike, overrides: list[str] | None = None):
     """``(cfg, model, processor)`` of a training checkpoint or an export directory; the model is in eval mode on
     the CPU in ``model.dtype``, with every trained weight loaded (base checkpoints from ``model.*_path``)."""
-    from refvllm.data.processor import Processor
+    from refvllm.families import make_processor
     from refvllm.model.build import build_model
 
     cfg = load_config_of(path, overrides)
     model = build_model(cfg.model, print_table=False)
     load_trained_weights(model, path)
     model.eval()
-    return cfg, model, Processor.from_config(cfg)
+    return cfg, model, make_processor(cfg)

@@ -47,6 +47,9 @@ class DataConfig:
     train_file: str = ""  # JSON array or JSONL in the seed's format
     data_root: str = ""  # media paths are relative to this; empty = the train file's folder
     num_frames: int = 16  # the frame budget T per video; every mask frame is one of them
+    # Frames per second of media that state none (folders of frames), for a model that encodes the time between
+    # frames (Qwen2.5-VL); 0 = none: such media are then a data error, never a guessed interval.
+    default_fps: float = 0.0
     max_length: int = 4096  # samples longer than this (after placeholder expansion) are rejected, never cut
     max_bad_samples: int = 100  # training stops with an error after this many skipped samples (-1 = no limit)
     mask_resize: str = "rescale"  # mask whose size differs from the media's with the same aspect: rescale | error
@@ -87,18 +90,23 @@ class RegionConfig:
 
 @dataclass
 class ModelConfig:
+    # A model is either assembled (vision_path + llm_path: a fresh projector between them) or one pretrained VLM
+    # (vlm_path: its own vision encoder, merger and LLM), never both; the family is the checkpoint's model_type.
+    vlm_path: str = ""  # local directory or hub id of a pretrained video-LLM (Qwen/Qwen2.5-VL-7B-Instruct)
+    vlm_revision: str = ""  # hub revision of vlm_path; empty = main
     vision_path: str = ""  # local directory or hub id of a HF vision encoder (SigLIP, SigLIP2, CLIP)
     llm_path: str = ""  # local directory or hub id of a HF causal LM; its tokenizer is used
     vision_revision: str = ""  # hub revision (branch, tag or commit) of vision_path; empty = main
     llm_revision: str = ""  # hub revision of llm_path (and its tokenizer); empty = main
-    tiny: bool = False  # make tiny offline checkpoints at vision_path/llm_path when missing (demo, tests)
+    tiny: bool = False  # make tiny offline checkpoints at the model paths when missing (demo, tests)
     vision_feature_layer: int = -1  # hidden-state index taken from the vision tower
     image_mean: list[float] | None = None  # None = read from the vision checkpoint's preprocessor_config.json
     image_std: list[float] | None = None
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     region: RegionConfig = field(default_factory=RegionConfig)
     train_vision: str = "frozen"  # frozen | lora | full
-    train_projector: str = "full"  # full | frozen
+    # auto = the family's default: full for the assembled family's fresh projector, frozen for a VLM's merger
+    train_projector: str = "auto"  # auto | full | frozen
     train_region: str = "full"  # full | frozen
     train_llm: str = "lora"  # lora | full | frozen
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -162,7 +170,7 @@ _CHOICES = {
     "model.region.pooling": ("area", "binary"),
     "model.region.merge": ("merge", "uniform", "none"),
     "model.train_vision": ("frozen", "lora", "full"),
-    "model.train_projector": ("full", "frozen"),
+    "model.train_projector": ("auto", "full", "frozen"),
     "model.train_region": ("full", "frozen"),
     "model.train_llm": ("lora", "full", "frozen"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
@@ -366,6 +374,7 @@ def _lora_rules(prefix: str) -> list[tuple[str, _Allowed]]:
 _RULES: list[tuple[str, _Allowed]] = [
     *((key, _one_of(choices)) for key, choices in _CHOICES.items()),
     ("data.num_frames", _at_least(1)),
+    ("data.default_fps", _at_least(0)),  # 0 = none
     ("data.max_length", _at_least(1)),
     ("data.max_bad_samples", _at_least(-1)),  # -1 = no limit
     ("data.num_workers", _at_least(0)),  # 0 = load in the training process
@@ -413,6 +422,8 @@ _NO_RULE = {
     "data.data_root": "empty = the train file's folder",
     "data.index_cache_dir": "empty = ~/.cache/refvllm/index",
     "data.synth.out_dir": "checked with data.synth.enabled (cross-field)",
+    "model.vlm_path": "empty = an assembled model; checked against vision_path/llm_path (cross-field), and when loaded",
+    "model.vlm_revision": "any branch, tag or commit; empty = main; resolved (or refused) when loaded",
     "model.vision_path": "may be empty at load (the default config); checked with model.tiny and when loaded",
     "model.llm_path": "may be empty at load (the default config); checked with model.tiny and when loaded",
     "model.vision_revision": "any branch, tag or commit; empty = main; resolved (or refused) when loaded",
@@ -462,10 +473,7 @@ def _check_cross_field(cfg: Config) -> None:
     if m.attn_implementation == "flash_attention_2" and m.dtype != "bfloat16":
         raise ConfigError(f"config key 'model.dtype' must be bfloat16 with model.attn_implementation="
                           f"flash_attention_2 (its kernels run in half precision only; or use sdpa); got {m.dtype!r}")
-    if m.tiny:  # the tiny checkpoints are written at these paths
-        for key in ("model.vision_path", "model.llm_path"):
-            if not _get(cfg, key).strip():
-                raise _bad(key, "non-empty with model.tiny (where the tiny checkpoint goes)", _get(cfg, key))
+    _check_model_source(cfg)
     if d.synth.enabled:  # the data is written to out_dir and then read as train_file (its train.json)
         for key in ("data.synth.out_dir", "data.train_file"):
             if not _get(cfg, key).strip():
@@ -473,6 +481,39 @@ def _check_cross_field(cfg: Config) -> None:
     if cfg.eval.judge_endpoint and not cfg.eval.judge_model.strip():
         raise _bad("eval.judge_model", "non-empty (the judge model's name) when eval.judge_endpoint is set",
                    cfg.eval.judge_model)
+
+
+# Keys of the assembled family that a pretrained VLM has no use for (it brings its own tower and merger), with
+# their defaults: a VLM config that sets one gets an error instead of a setting that silently does nothing.
+_ASSEMBLED_ONLY = ("model.vision_feature_layer", "model.image_mean", "model.image_std", "model.projector.spatial_pool",
+                   "model.projector.temporal_pool", "model.projector.hidden_size")
+
+
+def _check_model_source(cfg: Config) -> None:
+    """Either ``model.vlm_path`` or ``model.vision_path`` + ``model.llm_path``; the keys of the other kind at
+    their defaults; with ``model.tiny`` the paths the tiny checkpoints go to."""
+    m = cfg.model
+    if m.vlm_path.strip():
+        for key in ("model.vision_path", "model.llm_path", "model.vision_revision", "model.llm_revision"):
+            if _get(cfg, key):
+                raise ConfigError(f"config keys 'model.vlm_path' and '{key}' are both set: a model is one pretrained "
+                                  "VLM (vlm_path) or assembled from a vision encoder and an LLM (vision_path + "
+                                  "llm_path), not both")
+        default = Config().model
+        for key in _ASSEMBLED_ONLY:
+            if _get(cfg, key) != _get(Config(), key):
+                raise ConfigError(f"config key '{key}' does not apply with model.vlm_path (a pretrained VLM keeps its "
+                                  f"own vision encoder and merger); remove it (got {_get(cfg, key)!r})")
+        if m.train_vision == "lora" or default.vision_lora != m.vision_lora:
+            raise ConfigError("config key 'model.train_vision' must be frozen or full with model.vlm_path (LoRA goes "
+                              "on the language model; the vision encoder is frozen or fully trained)"
+                              if m.train_vision == "lora" else
+                              "config key 'model.vision_lora' does not apply with model.vlm_path; remove it")
+        return
+    if m.tiny:  # the tiny checkpoints are written at these paths
+        for key in ("model.vision_path", "model.llm_path"):
+            if not _get(cfg, key).strip():
+                raise _bad(key, "non-empty with model.tiny (where the tiny checkpoint goes)", _get(cfg, key))
 
 
 def validate_config(cfg: Config) -> None:

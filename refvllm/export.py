@@ -9,8 +9,10 @@ The export directory (docs/export.md) needs nothing but the two base checkpoints
     OUT/adapter/                        the LLM LoRA adapter, plain PEFT layout; adapter_config.json names the base
     OUT/extra_trainables.safetensors    projector.*, region.* (and any other trained non-LoRA weight)
     OUT/tokenizer/                      the LLM's tokenizer files (chat template included)
-    OUT/merged_llm/                     (--merge) the LLM with the adapter merged: a plain transformers causal-LM
-                                        directory with its tokenizer, loadable without peft
+    OUT/merged_llm/                     (--merge, assembled family) the LLM with the adapter merged: a plain
+                                        transformers causal-LM directory with its tokenizer, loadable without peft
+    OUT/merged_vlm/                     (--merge, a pretrained VLM) the VLM with the adapter merged into its language
+                                        model and its processor files: a plain Qwen2.5-VL directory
     OUT/export.json                     what was written (also printed as the last line, one JSON object)
 
 It is written into a temporary sibling directory and renamed when complete.
@@ -31,6 +33,7 @@ from refvllm.checkpoint import (
     EXPORT_MANIFEST,
     EXTRA_FILE,
     MERGED_DIR,
+    MERGED_VLM_DIR,
     TOKENIZER_DIR,
     check_loadable,
     load_config_of,
@@ -52,43 +55,46 @@ def _absolute_if_local(path: str) -> str:
 
 def export_config(cfg: Config) -> Config:
     """The config written with an export: local model paths absolute, nothing to resume or synthesise."""
-    cfg.model.vision_path = _absolute_if_local(cfg.model.vision_path)
-    cfg.model.llm_path = _absolute_if_local(cfg.model.llm_path)
+    from refvllm.families import family_of
+
+    for key in family_of(cfg.model).paths:
+        setattr(cfg.model, key, _absolute_if_local(getattr(cfg.model, key)))
     cfg.train.resume = "none"
     return cfg
 
 
 def _write_adapter(checkpoint: Path, cfg: Config, out: Path) -> str | None:
-    """Copy the PEFT adapter; its adapter_config.json then names the base LLM (absolute local path or hub id)."""
+    """Copy the PEFT adapter; its adapter_config.json then names the base model (the LLM, or the whole VLM of a
+    pretrained family: an absolute local path or a hub id)."""
+    from refvllm.families import family_of
+
     if not (checkpoint / ADAPTER_DIR).is_dir():
         return None
     shutil.copytree(checkpoint / ADAPTER_DIR, out / ADAPTER_DIR)
     adapter_cfg = out / ADAPTER_DIR / "adapter_config.json"
     data = json.loads(adapter_cfg.read_text())
-    data["base_model_name_or_path"] = cfg.model.llm_path
+    data["base_model_name_or_path"] = getattr(cfg.model, family_of(cfg.model).adapter_base)
     adapter_cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return str(out / ADAPTER_DIR)
 
 
-def _write_merged(checkpoint: Path, cfg: Config, out: Path) -> str:
-    """The LLM with the adapter merged (or the full-trained LLM) as a plain causal-LM directory + tokenizer, in
-    the training dtype ``model.dtype``. The merge itself runs in float32 (one rounding at the end)."""
-    from peft import PeftModel
-
+def _write_merged(checkpoint: Path, cfg: Config, out: Path) -> tuple[str, str]:
+    """The model with the adapter merged, written by its family (``export_merged``: a plain HF directory with
+    its tokenizer and processor files) in the training dtype ``model.dtype``; the merge itself runs in float32
+    (one rounding at the end). Returns (manifest key, directory)."""
+    from refvllm.families import ASSEMBLED, family_of
     from refvllm.model.build import DTYPES
 
+    family = family_of(cfg.model)
     _, model, processor = load_for_inference(checkpoint, ["model.dtype=float32"])
-    llm = model.llm.merge_and_unload() if isinstance(model.llm, PeftModel) else model.llm
-    llm = llm.to(DTYPES[cfg.model.dtype])
-    llm.save_pretrained(str(out / MERGED_DIR))
-    processor.tokenizer.save_pretrained(str(out / MERGED_DIR))
-    return str(out / MERGED_DIR)
+    name, key = (MERGED_DIR, "merged_llm_dir") if family is ASSEMBLED else (MERGED_VLM_DIR, "merged_vlm_dir")
+    return key, family.hook("export_merged")(model, processor, str(out / name), DTYPES[cfg.model.dtype])
 
 
 def _write_tokenizer(cfg: Config, out: Path) -> str:
-    from refvllm.data.processor import Processor
+    from refvllm.families import make_processor
 
-    Processor.from_config(cfg).tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    make_processor(cfg).save_pretrained(str(out / TOKENIZER_DIR))
     return str(out / TOKENIZER_DIR)
 
 
@@ -98,10 +104,13 @@ def _write_export(checkpoint: Path, out: Path, merge: bool) -> dict:
     cfg = export_config(load_config_of(checkpoint))
     (out / CONFIG_FILE).write_text(dump_yaml(cfg))
     shutil.copy2(checkpoint / EXTRA_FILE, out / EXTRA_FILE)
-    return {"checkpoint": str(checkpoint.resolve()), "config": CONFIG_FILE,
-            "adapter_dir": _write_adapter(checkpoint, cfg, out), "extra_trainables": str(out / EXTRA_FILE),
-            "tokenizer_dir": _write_tokenizer(cfg, out),
-            "merged_llm_dir": _write_merged(checkpoint, cfg, out) if merge else None}
+    manifest = {"checkpoint": str(checkpoint.resolve()), "config": CONFIG_FILE,
+                "adapter_dir": _write_adapter(checkpoint, cfg, out), "extra_trainables": str(out / EXTRA_FILE),
+                "tokenizer_dir": _write_tokenizer(cfg, out), "merged_llm_dir": None}
+    if merge:
+        key, directory = _write_merged(checkpoint, cfg, out)
+        manifest[key] = directory
+    return manifest
 
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, merge: bool = False,

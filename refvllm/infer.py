@@ -196,11 +196,9 @@ class RefInference:
     @torch.no_grad()
     def generate_items(self, items: list[dict], ablate_regions: bool = False, **generation: Any) -> list[Generation]:
         """Generate for prepared prompts (:meth:`prepare` dicts) as one left-padded batch, in order."""
-        from refvllm.data.collate import collate
-
         if not items:
             return []
-        batch = self._to_device(collate(items, self.processor.pad_token_id, padding_side="left"))
+        batch = self._to_device(self.processor.collate(items, padding_side="left"))
         new_ids = self.model.generate(batch, ablate_regions=ablate_regions, eos_token_id=self.eos_ids,
                                       **self.generation_kwargs(**generation))
         return [self._decode(item, row) for item, row in zip(items, new_ids.cpu(), strict=True)]
@@ -258,7 +256,7 @@ def neutral_generation_settings() -> dict[str, Any]:
 def _eos_ids(model, tokenizer) -> list[int]:
     """End-of-generation ids: the LLM's generation config (e.g. ``<|im_end|>``) and the tokenizer's eos."""
     ids: set[int] = set()
-    gen = getattr(model.llm, "generation_config", None)
+    gen = getattr(model, "generation_config", None)
     value = getattr(gen, "eos_token_id", None)
     ids.update(value if isinstance(value, list) else [value] if value is not None else [])
     if tokenizer.eos_token_id is not None:

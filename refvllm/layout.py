@@ -114,3 +114,10 @@ def make_token_layout(model: ModelConfig, spec: VisualSpec) -> TokenLayout:
         region_max_tokens=model.region.max_tokens,
         region_merge=model.region.merge,
     )
+
+
+def region_layout(model: ModelConfig) -> TokenLayout:
+    """The region-token rule alone (``model.region.max_tokens``/``merge``), for a family whose visual token
+    counts come from the checkpoint's own processor (a pretrained VLM's grids), not from a fixed layout."""
+    return TokenLayout(grid=1, spatial_pool=1, temporal_pool=1, region_max_tokens=model.region.max_tokens,
+                       region_merge=model.region.merge)

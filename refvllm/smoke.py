@@ -104,9 +104,9 @@ def lengthen(record: dict, context: str) -> dict:
 def sample_lengths(cfg: Config, data_file: str | Path, data_root: str | Path) -> list[int]:
     """Token count of every sample of ``data_file`` as the trainer encodes it (a bad sample raises)."""
     from refvllm.data.dataset import RefDataset
-    from refvllm.data.processor import Processor
+    from refvllm.families import make_processor
 
-    processor = Processor.from_config(cfg)
+    processor = make_processor(cfg)
     dataset = RefDataset(data_file, data_root, processor, cfg.data.num_frames, processor.frame_size,
                          cfg.data.mask_resize, cfg.data.index_cache_dir or None, cfg.data.limits)
     lengths = []
@@ -121,9 +121,9 @@ def sample_lengths(cfg: Config, data_file: str | Path, data_root: str | Path) ->
 def make_long_sample(cfg: Config, data_file: Path, data_root: Path, index: int, target: int) -> list[int]:
     """Rewrite sample ``index`` of the JSON array ``data_file`` to about ``target`` tokens (never more);
     returns the file's sample lengths after. Two passes: the second corrects what the first's estimate missed."""
-    from refvllm.data.processor import Processor
+    from refvllm.families import make_processor
 
-    tokenizer = Processor.from_config(cfg).tokenizer
+    tokenizer = make_processor(cfg).tokenizer
     records = json.loads(data_file.read_text())
     original = records[index]
     lengths = sample_lengths(cfg, data_file, data_root)

@@ -40,13 +40,16 @@ from refvllm.constants import IGNORE_INDEX
 from refvllm.data.types import Skipped
 
 
-def collate(items: list, pad_token_id: int, padding_side: str = "right") -> dict:
-    """Batch processed samples (see the module docstring for every output and its shape)."""
+def collate(items: list, pad_token_id: int, padding_side: str = "right", visuals=None) -> dict:
+    """Batch processed samples (see the module docstring for every output and its shape). ``visuals`` batches
+    the visual tensors of the kept items (a processor's ``batch_visuals``; default: the assembled family's
+    frames and masks, :func:`batch_frames`)."""
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left'; got {padding_side!r}")
     kept = [x for x in items if not isinstance(x, Skipped)]
     skipped = [x.as_dict() for x in items if isinstance(x, Skipped)]
-    batch = {"batch_size": len(kept), **_text(kept, pad_token_id, padding_side), **_visual(kept),
+    batch = {"batch_size": len(kept), **_text(kept, pad_token_id, padding_side),
+             **(visuals or batch_frames)(kept),
              "sample_index": torch.tensor([x["sample_index"] for x in kept], dtype=torch.long),
              "sample_id": [x["sample_id"] for x in kept]}
     if kept and "reference" in kept[0]:
@@ -57,16 +60,18 @@ def collate(items: list, pad_token_id: int, padding_side: str = "right") -> dict
 
 
 class Collator:
-    """Picklable ``collate`` with fixed padding, for ``DataLoader(collate_fn=Collator(pad_id))`` in workers."""
+    """Picklable ``collate`` with fixed padding, for ``DataLoader(collate_fn=Collator(pad_id))`` in workers
+    (``visuals``: as :func:`collate`'s, a module-level function or static method so that it pickles)."""
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right"):
+    def __init__(self, pad_token_id: int, padding_side: str = "right", visuals=None):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left'; got {padding_side!r}")
         self.pad_token_id = int(pad_token_id)
         self.padding_side = padding_side
+        self.visuals = visuals
 
     def __call__(self, items: list) -> dict:
-        return collate(items, self.pad_token_id, self.padding_side)
+        return collate(items, self.pad_token_id, self.padding_side, self.visuals)
 
 
 def _text(kept: list[dict], pad_token_id: int, padding_side: str) -> dict:
@@ -90,8 +95,9 @@ def _text(kept: list[dict], pad_token_id: int, padding_side: str) -> dict:
     return out
 
 
-def _visual(kept: list[dict]) -> dict:
-    """Frames and masks concatenated, with their index tensors offset to batch-global rows (module docstring)."""
+def batch_frames(kept: list[dict]) -> dict:
+    """The assembled family's visual part: frames and masks concatenated, with their index tensors offset to
+    batch-global rows (module docstring)."""
     sizes = {tuple(x["pixel_values"].shape[1:]) for x in kept if x["pixel_values"].shape[0]}
     if len(sizes) > 1:
         raise ValueError(f"samples of one batch have frames of different sizes: {sorted(sizes)}")

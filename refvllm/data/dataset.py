@@ -7,7 +7,7 @@ Contract:
     ds[i]                   # Processor.encode(...) dict, or Skipped(index, id, reason) for a bad sample
     sampler = ResumableSampler(len(ds), seed, micro_batch_size, num_replicas=world, rank=rank)
     sampler.load_state_dict(state)                                      # resume: jump, decode nothing before
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(processor.pad_token_id), num_workers=n)
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=processor.collator(), num_workers=n)
     ...
     state = sampler.state_dict(consumed=k)      # k = micro-batches this rank took from the loader so far
 

@@ -54,6 +54,7 @@ from refvllm.constants import (
     VIDEO_PLACEHOLDER,
     VISUAL_TOKEN_ID,
 )
+from refvllm.data.collate import Collator, batch_frames
 from refvllm.data.decode import FrameSize
 from refvllm.data.types import DecodedSample, Sample, Turn
 from refvllm.errors import ConfigError, DataError
@@ -124,6 +125,10 @@ class Processor:
         return cls(tokenizer, make_token_layout(cfg.model, spec), spec, cfg.data.max_length, cfg.data.num_frames,
                    cfg.data.mask_resize)
 
+    def save_pretrained(self, out) -> None:
+        """The files another process needs to tokenise like this one (the tokenizer, its chat template)."""
+        self.tokenizer.save_pretrained(str(out))
+
     @property
     def frame_size(self) -> FrameSize:
         """The frame size decoding must produce for this processor: the tower's square ``image_size`` here
@@ -142,6 +147,32 @@ class Processor:
         if pad is None:
             raise ConfigError(f"the tokenizer of '{self.tokenizer.name_or_path}' has neither a pad nor an eos token")
         return int(pad)
+
+    # ------------------------------------------------------------------ batches
+
+    # The visual part of a batch of this processor's items (refvllm.data.collate's module docstring).
+    batch_visuals = staticmethod(batch_frames)
+
+    def collator(self, padding_side: str = "right") -> Collator:
+        """The picklable collate function of this processor's items (a DataLoader's ``collate_fn``)."""
+        return Collator(self.pad_token_id, padding_side, self.batch_visuals)
+
+    def collate(self, items: list, padding_side: str = "right") -> dict:
+        """Items of :meth:`encode` / :meth:`encode_prompt` (or Skipped records) as one batch."""
+        return self.collator(padding_side)(items)
+
+    def dummy_item(self) -> dict:
+        """A text-only item with no label token (two pad ids): the trainer's stand-in for a micro-batch whose
+        samples were all skipped. Its loss is exactly zero; the model's zero-weighted dummy path still runs
+        every trainable module, so the process takes part in the gradient all-reduce (DDP) and the micro-step
+        count (DeepSpeed)."""
+        size, pad = self.spec.image_size, self.pad_token_id
+        no_rows = torch.zeros(0, dtype=torch.long)
+        return {"input_ids": torch.tensor([pad, pad]), "labels": torch.tensor([IGNORE_INDEX, IGNORE_INDEX]),
+                "pixel_values": torch.zeros(0, 3, size, size),
+                "region_masks": torch.zeros(0, size, size, dtype=torch.bool),
+                "region_frame_index": no_rows, "region_object_index": no_rows, "num_objects": 0, "sample_index": -1,
+                "sample_id": "<dummy>"}
 
     # ------------------------------------------------------------------ public API
 

@@ -153,11 +153,11 @@ def _check_writable(report: str) -> None:
 def _load_processor(cfg: Config):
     """The training processor (for the max_length check), or None with a note when it is not available."""
     try:
-        from refvllm.data.processor import Processor
+        from refvllm.families import make_processor
     except ImportError as e:
         print(f"note: the processor is not available ({e}); sample lengths are not checked", file=sys.stderr)
         return None
-    return Processor.from_config(cfg)
+    return make_processor(cfg)
 
 
 class _report_file:

@@ -2,7 +2,7 @@
 module's trainability (frozen | lora | full), and save/load the weights that are not in the HF checkpoints.
 
 Contract:
-    model = build_model(cfg.model)                   # prints the trainable-parameter table unless told not to
+    model = build_model(cfg.model)                   # the config's family (refvllm.families); prints the table
     model = build_model(cfg.model, float32_masters=True)  # training: every trainable parameter in float32
     groups = parameter_groups(model)                 # {"llm": [...], "vision": [...], "projector": .., "region": ..}
     counts = parameter_counts(model)                 # {"llm": {"trainable": n, "total": m}, ...}
@@ -23,7 +23,7 @@ from torch import nn
 
 from refvllm.config import LoraConfig, ModelConfig
 from refvllm.errors import ConfigError
-from refvllm.hub import cached_file, check_model, config_revision, first_line
+from refvllm.hub import check_model, config_revision, first_line
 from refvllm.layout import load_visual_spec, make_token_layout
 from refvllm.model.refvlm import RefVLM
 from refvllm.model.region import RegionEncoder
@@ -33,14 +33,26 @@ MODULES = ("vision", "projector", "region", "llm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def build_model(m: ModelConfig, print_table: bool = True, float32_masters: bool = False) -> RefVLM:
-    """The model described by the model config ``m`` (``cfg.model``: the builder needs no other section);
-    tiny checkpoints are written first when ``model.tiny`` asks.
+def build_model(m: ModelConfig, print_table: bool = True, float32_masters: bool = False):
+    """The model described by the model config ``m`` (``cfg.model``: the builder needs no other section), built
+    by its family (:mod:`refvllm.families`: assembled, or a pretrained VLM by its ``model_type``); tiny
+    checkpoints are written first when ``model.tiny`` asks.
 
     ``float32_masters`` (training): see :func:`use_float32_masters`. Inference and export keep ``model.dtype``.
     """
+    from refvllm.families import family_of
+
     ensure_tiny_checkpoints(m)
     check_attn_implementation(m.attn_implementation)
+    model = family_of(m).hook("build")(m, float32_masters)
+    if print_table:
+        print(format_parameter_table(parameter_counts(model)))
+    return model
+
+
+def build_assembled(m: ModelConfig, float32_masters: bool = False) -> RefVLM:
+    """The assembled family: the vision tower and the LLM by ``from_pretrained``, a fresh projector and region
+    encoder between them, each module's trainability as configured."""
     dtype = DTYPES[m.dtype]
     spec = load_visual_spec(m)  # also the clear error for a vision_path that is neither here nor on the hub
     layout = make_token_layout(m, spec)
@@ -56,32 +68,32 @@ def build_model(m: ModelConfig, print_table: bool = True, float32_masters: bool 
                            m.region.pooling, m.region.geometry)
     vision = _set_vision_trainability(vision, m.train_vision, m.vision_lora, m.gradient_checkpointing)
     llm = _set_llm_trainability(llm, m.train_llm, m.lora, m.gradient_checkpointing)
-    projector.requires_grad_(m.train_projector == "full")
+    projector.requires_grad_(m.train_projector in ("full", "auto"))  # auto: a fresh projector trains
     region.requires_grad_(m.train_region == "full")
     model = RefVLM(vision, projector, region, llm, layout, _pad_token_id(llm), m.region.dropout)
     if float32_masters:
         use_float32_masters(model)
-    if print_table:
-        print(format_parameter_table(parameter_counts(model)))
     return model
 
 
+def export_merged_llm(model: RefVLM, processor, out: str, dtype: torch.dtype) -> str:
+    """The assembled family's merged export: the LLM with its adapter merged (or the fully trained LLM) as a
+    plain causal-LM directory in ``dtype`` with the tokenizer, which ``AutoModelForCausalLM.from_pretrained``
+    loads."""
+    llm = model.adapter_model.merge_and_unload() if model.adapter_model is not None else model.llm
+    llm.to(dtype).save_pretrained(out)
+    processor.tokenizer.save_pretrained(out)
+    return out
+
+
 def ensure_tiny_checkpoints(model: ModelConfig) -> None:
-    """With ``model.tiny``, write the tiny vision/LLM checkpoints at the configured paths when missing.
+    """With ``model.tiny``, write the family's tiny checkpoints at the configured paths when missing
+    (:mod:`refvllm.families`, hook ``write_tiny``): not a local directory with a ``config.json``, nor a hub id
+    already in the hub cache (checked without a network request: a tiny run is an offline run)."""
+    from refvllm.families import family_of
 
-    "Missing": not a local directory with a ``config.json``, nor a hub id already in the hub cache (checked
-    without a network request: a tiny run is an offline run)."""
-    if not model.tiny:
-        return
-    from refvllm.model.tiny import write_tiny_llm, write_tiny_vision
-
-    for which, path, write in (("vision", model.vision_path, write_tiny_vision),
-                               ("llm", model.llm_path, write_tiny_llm)):
-        if not path:
-            raise ConfigError(f"config key 'model.{which}_path' is empty; with model.tiny it names where the tiny "
-                              "checkpoint goes")
-        if cached_file(path, "config.json", config_revision(model, which)) is None:
-            write(path)
+    if model.tiny:
+        family_of(model).hook("write_tiny")(model)
 
 
 def check_attn_implementation(name: str) -> None:

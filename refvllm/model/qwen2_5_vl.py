@@ -37,17 +37,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from refvllm.constants import REGION_TOKEN_ID
-from refvllm.data.decode import FrameSize
-from refvllm.data.processor import Processor
-from refvllm.data.types import DecodedSample
-from refvllm.errors import ConfigError, DataError, ModelInputError
-from refvllm.layout import TokenLayout, VisualSpec
+from refvllm.data.qwen2_5_vl import PREPROCESSOR
+from refvllm.errors import ConfigError, ModelInputError
 from refvllm.model.refvlm import drop_regions, label_positions, next_token_loss
 from refvllm.model.shapes import QWEN2_5_GENERATION
 
@@ -73,12 +69,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# The hub's preprocessor_config.json of Qwen2.5-VL-*-Instruct (CLIP normalisation, 14 px patches, 2 x 2 merge).
-PREPROCESSOR = {
-    "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
-}
 _TEXT_7B = {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
             "num_key_value_heads": 4, "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
             "rope_theta": 1000000.0, "tie_word_embeddings": False, "num_hidden_layers": 28}
@@ -157,9 +147,11 @@ def vl_config(shape: str, tokenizer, layers: int | None = None, vision_layers: i
 
 def write_checkpoint(path: str | os.PathLike, shape: str = "tiny", layers: int | None = None,
                      vision_layers: int | None = None, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                     sampling: bool = True) -> str:
+                     sampling: bool = True, min_pixels: int | None = None) -> str:
     """Write a random ``Qwen2_5_VLForConditionalGeneration`` of ``shape`` with tokenizer, processor files and a
-    generation config (Qwen's sampling one when ``sampling``, else greedy) to ``path``; returns it."""
+    generation config (Qwen's sampling one when ``sampling``, else greedy) to ``path``; returns it.
+    ``min_pixels`` replaces the processor's (the hub's 3,136 = 56 x 56; users raise it to see small media in
+    more tokens, as the tiny demo VLM does)."""
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
     path = Path(path)
@@ -176,85 +168,12 @@ def write_checkpoint(path: str | os.PathLike, shape: str = "tiny", layers: int |
     model.generation_config = GenerationConfig(**generation)
     model.to(dtype).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2) + "\n")
-    video = {**PREPROCESSOR, "video_processor_type": "Qwen2VLVideoProcessor"}
+    pixels = {**PREPROCESSOR, **({"min_pixels": min_pixels} if min_pixels else {})}
+    (path / "preprocessor_config.json").write_text(json.dumps(pixels, indent=2) + "\n")
+    video = {**pixels, "video_processor_type": "Qwen2VLVideoProcessor"}
     video.pop("image_processor_type")
     (path / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2) + "\n")
     return str(path)
-
-
-# -------------------------------------------------------------------------------------------------- pixels
-
-
-@dataclass(frozen=True)
-class Preprocessor:
-    """The pixel settings of a checkpoint's ``preprocessor_config.json`` (defaults: the hub's)."""
-
-    min_pixels: int = PREPROCESSOR["min_pixels"]
-    max_pixels: int = PREPROCESSOR["max_pixels"]
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-    image_mean: tuple[float, ...] = tuple(PREPROCESSOR["image_mean"])
-    image_std: tuple[float, ...] = tuple(PREPROCESSOR["image_std"])
-
-    @classmethod
-    def from_file(cls, file: str | os.PathLike) -> Preprocessor:
-        data = json.loads(Path(file).read_text())
-        size = data.get("size") or {}
-        return cls(min_pixels=int(data.get("min_pixels", size.get("shortest_edge", cls.min_pixels))),
-                   max_pixels=int(data.get("max_pixels", size.get("longest_edge", cls.max_pixels))),
-                   patch_size=int(data.get("patch_size", 14)),
-                   temporal_patch_size=int(data.get("temporal_patch_size", 2)),
-                   merge_size=int(data.get("merge_size", 2)),
-                   image_mean=tuple(data.get("image_mean", cls.image_mean)),
-                   image_std=tuple(data.get("image_std", cls.image_std)))
-
-    def resized(self, height: int, width: int) -> tuple[int, int]:
-        """The frame size the model sees (Qwen's ``smart_resize``: multiples of patch x merge, pixel count
-        within [min_pixels, max_pixels], aspect ratio kept)."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        return smart_resize(height, width, factor=self.patch_size * self.merge_size, min_pixels=self.min_pixels,
-                            max_pixels=self.max_pixels)
-
-
-def video_patches(frames: np.ndarray, pre: Preprocessor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """uint8 frames [T, H, W, 3] -> (pixel_values_videos [t*h*w, 3*tp*p*p] float32, (t, h, w)) in the order
-    of HF's Qwen2-VL video processor: frames resized (PIL bicubic, as the image processor's PIL backend does;
-    HF's torchvision video backend resizes with torch's bicubic, a small pixel difference), rescaled to [0, 1],
-    normalised, an odd T padded with its last frame, then patches ordered (t, h/m, w/m, m, m) with each row
-    (C, tp, p, p). ``h``/``w`` count 14-px patches; the LLM sees t*h*w/m^2 tokens."""
-    from refvllm.data.media import resize_frames
-
-    num, height, width, _ = frames.shape
-    new_h, new_w = pre.resized(height, width)
-    frames = resize_frames(frames, (new_h, new_w), "bicubic")
-    x = frames.astype(np.float32) / 255.0
-    x = (x - np.asarray(pre.image_mean, np.float32)) / np.asarray(pre.image_std, np.float32)
-    x = x.transpose(0, 3, 1, 2)  # [T, C, H, W]
-    tp, p, m = pre.temporal_patch_size, pre.patch_size, pre.merge_size
-    if pad := -num % tp:
-        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-    t, gh, gw = x.shape[0] // tp, new_h // p, new_w // p
-    x = x.reshape(t, tp, 3, gh // m, m, p, gw // m, m, p)
-    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t, h/m, w/m, m, m, C, tp, p, p)
-    return torch.from_numpy(np.ascontiguousarray(x.reshape(t * gh * gw, 3 * tp * p * p))), (t, gh, gw)
-
-
-def seconds_per_token_frame(frame_indices: list[int], fps: float | None, temporal_patch_size: int,
-                            default_fps: float | None = None) -> float:
-    """``second_per_grid_ts`` of a planned clip: ``temporal_patch_size`` x the mean time between its planned
-    frames (the mean stride of ``frame_indices`` in source frames, over ``fps``; a plan that forced mask frames
-    in has uneven strides, and Qwen2.5-VL encodes one interval per video). ``fps`` is the media's (None for
-    frame folders): then ``default_fps``, and with neither a DataError of the sample (category ``frame_rate``:
-    the interval would be a guess)."""
-    rate = fps or default_fps
-    if not rate:
-        raise DataError("the media states no frame rate (a folder of frames?) and no default frame rate is set: "
-                        "the time between frames, which Qwen2.5-VL encodes, is unknown", category="frame_rate")
-    stride = (frame_indices[-1] - frame_indices[0]) / (len(frame_indices) - 1) if len(frame_indices) > 1 else 1.0
-    return temporal_patch_size * stride / rate
 
 
 # ---------------------------------------------------------------------------------------------- model side
@@ -338,6 +257,21 @@ class RegionVLM(nn.Module):
         self.vlm, self.region, self.pad_token_id = vlm, region, pad_token_id
         self.region_dropout = region_dropout
 
+    # The checkpoint format's view of the model (refvllm/checkpoint.py): the roles whose weights start random
+    # (saved whole, trained or not) and the PEFT model whose adapter is saved in PEFT's layout.
+    FRESH_ROLES = ("region",)
+
+    @property
+    def adapter_model(self):
+        """The PeftModel holding the language model's LoRA (the whole VLM, wrapped), or None."""
+        from peft import PeftModel
+
+        return self.vlm if isinstance(self.vlm, PeftModel) else None
+
+    @property
+    def generation_config(self):
+        return self.vlm.generation_config
+
     @property
     def config(self):
         return self.vlm.config
@@ -361,20 +295,31 @@ class RegionVLM(nn.Module):
         base = base_vlm(self.vlm)
         return ParameterView(base.model.language_model, extra=(("lm_head", base.lm_head),))
 
-    def _regions(self, batch: dict, merged: torch.Tensor) -> torch.Tensor:
-        """Region tokens [N_R, D] from the masks, pooled on each visual's token frames of the merged tokens
-        [sum_v t*h*w/m^2, D] (every visual's, in batch order)."""
-        masks = batch["region_masks"]
-        if masks.shape[0] == 0:
-            return self.region(merged[:0, None], masks, *(batch[k] for k in (
-                "region_frame_index", "region_object_index")), 0)
+    def _groups(self, batch: dict, merged: torch.Tensor) -> list[tuple[torch.Tensor, tuple[int, int], int]]:
+        """The merged tokens [sum_v t*h*w/m^2, D] as one pooling group per visual: (tokens [t, h/m * w/m, D],
+        its grid (h/m, w/m), the pixels per token side p*m)."""
         vision = self.config.vision_config
-        m, p, tp = vision.spatial_merge_size, vision.patch_size, vision.temporal_patch_size
+        m, p = vision.spatial_merge_size, vision.patch_size
         grids = batch["visual_grid_thw"]
-        groups = []
-        for tokens, (t, h, w) in zip(merged.split((grids.prod(-1) // (m * m)).tolist()), grids.tolist(),
-                                     strict=True):
-            groups.append((tokens.reshape(t, (h // m) * (w // m), -1), (h // m, w // m), p * m))
+        return [(tokens.reshape(t, (h // m) * (w // m), -1), (h // m, w // m), p * m)
+                for tokens, (t, h, w) in zip(merged.split((grids.prod(-1) // (m * m)).tolist()), grids.tolist(),
+                                             strict=True)]
+
+    def _regions(self, batch: dict, merged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region tokens [N_R, D] from the masks, pooled on each visual's token frames of the merged tokens,
+        and a zero-valued scalar: with no mask in the batch, the region encoder still runs once on a
+        whole-frame mask times zero, so it gets a gradient on every rank (DDP) and runs on every rank (ZeRO-3
+        gathers its parameters collectively), as RefVLM's dummy path."""
+        masks, groups = batch["region_masks"], self._groups(batch, merged)
+        zero = merged.new_zeros(())
+        if masks.shape[0] == 0:
+            tokens, (rows, cols), cell = groups[0]
+            full = torch.ones(1, rows * cell, cols * cell, dtype=torch.bool, device=merged.device)
+            index = torch.zeros(1, dtype=torch.long, device=merged.device)
+            dummy = self.region.pool_groups(groups[:1], full, index, index, index, 1)
+            zero = zero + self.region.mlp(dummy).sum() * 0.0
+            return merged.new_zeros(0, self.config.text_config.hidden_size), zero
+        tp = self.config.vision_config.temporal_patch_size
         visual_index, frame = batch["region_visual_index"], batch["region_frame_index"]
         is_video = batch["visual_is_video"][visual_index]
         token_frame = torch.where(is_video, frame // tp, frame)
@@ -382,7 +327,7 @@ class RegionVLM(nn.Module):
         pooled = self.region.pool_groups(groups, masks, visual_index, token_frame, objects, num_objects)
         # Time order within an object follows the frame (two masks of one token frame stay two tokens).
         key_frame = visual_index * (int(frame.max()) + 1) + frame
-        return self.region.mlp(self.region.merge(pooled, key_frame, objects, num_objects))
+        return self.region.mlp(self.region.merge(pooled, key_frame, objects, num_objects)), zero
 
     def _text_ids(self, batch: dict) -> torch.Tensor:
         """``input_ids`` with the region sentinels as the pad id: region tokens are text positions."""
@@ -400,14 +345,15 @@ class RegionVLM(nn.Module):
             out["image_grid_thw"] = grids[~is_video]
         return out
 
-    def embed(self, batch: dict, ablate_regions: bool = False) -> torch.Tensor:
-        """inputs_embeds [B, L, D] with the visual and region tokens in place (one vision pass)."""
+    def embed(self, batch: dict, ablate_regions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs_embeds [B, L, D] with the visual and region tokens in place (one vision pass), and the
+        zero-valued dummy term of :meth:`_regions` (add it to the loss)."""
         ids = batch["input_ids"]
         config = self.config
         is_region = ids == REGION_TOKEN_ID
         is_visual = (ids == config.video_token_id) | (ids == config.image_token_id)
         merged = merged_features(self.vlm, batch["pixel_values"], batch["visual_grid_thw"])
-        region = self._regions(batch, merged)
+        region, dummy = self._regions(batch, merged)
         if int(is_region.sum()) != region.shape[0]:
             raise ModelInputError(f"the batch has {int(is_region.sum())} region placeholder positions but "
                                   f"{region.shape[0]} region tokens")
@@ -421,7 +367,7 @@ class RegionVLM(nn.Module):
             region = torch.zeros_like(region)
         elif self.training and self.region_dropout > 0 and region.shape[0]:
             region = drop_regions(region, is_region, self.region_dropout)
-        return embeds.masked_scatter(is_visual[..., None], merged).masked_scatter(is_region[..., None], region)
+        return embeds.masked_scatter(is_visual[..., None], merged).masked_scatter(is_region[..., None], region), dummy
 
     def positions(self, batch: dict) -> torch.Tensor:
         """mRoPE position ids [3, B, L] of the batch (:func:`position_ids`)."""
@@ -430,12 +376,12 @@ class RegionVLM(nn.Module):
     def forward(self, batch: dict, loss_normalizer: float | None = None, ablate_regions: bool = False,
                 logits_at: str = "all") -> CausalLMOutputWithPast:
         """Logits, and the next-token loss when ``labels`` are in the batch (as ``RefVLM.forward``)."""
-        embeds, positions = self.embed(batch, ablate_regions), self.positions(batch)
+        (embeds, dummy), positions = self.embed(batch, ablate_regions), self.positions(batch)
         labels = batch.get("labels")
         keep = label_positions(labels, logits_at, embeds.device)
         out = self.vlm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=positions,
                        use_cache=False, **({} if keep is None else {"logits_to_keep": keep}))
-        loss = None if labels is None else next_token_loss(out.logits, labels, keep, loss_normalizer)
+        loss = None if labels is None else next_token_loss(out.logits, labels, keep, loss_normalizer) + dummy
         return CausalLMOutputWithPast(loss=loss, logits=out.logits)
 
     @torch.no_grad()
@@ -447,7 +393,7 @@ class RegionVLM(nn.Module):
         mask = batch["attention_mask"]
         if mask.shape[0] > 1 and bool((mask[:, -1] == 0).any()):
             raise ModelInputError("generate needs a left-padded batch (collate_vlm(..., padding_side='left'))")
-        embeds, ids = self.embed(batch, ablate_regions), self._text_ids(batch)
+        (embeds, _), ids = self.embed(batch, ablate_regions), self._text_ids(batch)
         base_vlm(self.vlm).model.rope_deltas = None  # no offsets left from an earlier prompt
         generation_kwargs.setdefault("use_cache", True)
         generation_kwargs.setdefault("pad_token_id", self.pad_token_id)
@@ -455,112 +401,6 @@ class RegionVLM(nn.Module):
                                 mm_token_type_ids=token_types(ids, self.config), **self._rope_inputs(batch),
                                 **generation_kwargs)
         return out[:, ids.shape[1]:]  # given ids, generate returns the prompt too
-
-
-# ---------------------------------------------------------------------------------------------- processor
-
-
-class VLMProcessor(Processor):
-    """The processor of the Qwen2.5-VL family: the shared text rendering (markers, labels, special-token
-    safety) with the VLM's own visual encoding. Frames are decoded at Qwen's aspect-kept size
-    (:attr:`frame_size`); the visual placeholder becomes ``<|vision_start|>`` + t*h*w/m^2 x ``<|video_pad|>``
-    (``<|image_pad|>`` for an image) + ``<|vision_end|>``; the tensors are :func:`video_patches`' pixels and
-    grid, the time between token frames (:func:`seconds_per_token_frame`) and the masks at the frame size.
-
-    ``encode(decoded)`` returns ``input_ids``, ``labels``, ``pixel_values`` [t*h*w, 1176], ``visual_grid_thw``
-    long [3], ``visual_is_video`` bool, ``second_per_grid_ts`` float, ``region_masks`` bool [M, H', W'],
-    ``region_frame_index``, ``region_object_index``, ``num_objects``, ``sample_index``, ``sample_id``;
-    :func:`collate_vlm` batches them for :class:`RegionVLM`.
-    """
-
-    def __init__(self, tokenizer, layout: TokenLayout, pre: Preprocessor, token_ids: dict[str, int],
-                 max_length: int, num_frames: int, mask_resize: str, default_fps: float | None = None):
-        spec = VisualSpec(0, pre.patch_size, pre.image_mean, pre.image_std)  # no fixed size: frame_size says
-        super().__init__(tokenizer, layout, spec, max_length, num_frames, mask_resize)
-        self.pre, self.token_ids, self.default_fps = pre, token_ids, default_fps
-
-    @classmethod
-    def from_checkpoint(cls, path: str, layout: TokenLayout, max_length: int, num_frames: int,
-                        mask_resize: str = "rescale", default_fps: float | None = None) -> VLMProcessor:
-        """The tokenizer, pixel settings and vision token ids of the local checkpoint ``path``."""
-        from transformers import AutoConfig, AutoTokenizer
-
-        config = AutoConfig.from_pretrained(path)
-        ids = {name: int(getattr(config, f"{name}_token_id")) for name in (
-            "vision_start", "vision_end", "image", "video")}
-        return cls(AutoTokenizer.from_pretrained(path), layout,
-                   Preprocessor.from_file(Path(path) / "preprocessor_config.json"), ids, max_length, num_frames,
-                   mask_resize, default_fps)
-
-    @property
-    def frame_size(self) -> FrameSize:
-        return FrameSize(of_media=self.pre.resized, resample="bicubic")
-
-    def _grid(self, decoded: DecodedSample) -> tuple[int, int, int]:
-        frames, p, tp = decoded.frames.shape[0], self.pre.patch_size, self.pre.temporal_patch_size
-        return -(-frames // tp), decoded.frames.shape[1] // p, decoded.frames.shape[2] // p
-
-    def _visual_ids(self, decoded: DecodedSample) -> list[int]:
-        t, h, w = self._grid(decoded)
-        pad = self.token_ids["video" if decoded.sample.media_type == "video" else "image"]
-        count = t * h * w // self.pre.merge_size**2
-        return [self.token_ids["vision_start"], *([pad] * count), self.token_ids["vision_end"]]
-
-    def _visual_tensors(self, decoded: DecodedSample, num_objects: int) -> dict:
-        pixels, grid = video_patches(decoded.frames, self.pre)
-        is_video = decoded.sample.media_type == "video"
-        seconds = (seconds_per_token_frame(decoded.plan.frame_indices, decoded.fps, self.pre.temporal_patch_size,
-                                           self.default_fps) if is_video else 0.0)
-        keep = decoded.mask_object < num_objects
-        return {"pixel_values": pixels, "visual_grid_thw": torch.tensor(grid), "visual_is_video": is_video,
-                "second_per_grid_ts": float(seconds),
-                "region_masks": torch.from_numpy(np.ascontiguousarray(decoded.masks[keep], dtype=bool)),
-                "region_frame_index": torch.from_numpy(decoded.mask_frame[keep].astype(np.int64)),
-                "region_object_index": torch.from_numpy(decoded.mask_object[keep].astype(np.int64)),
-                "num_objects": num_objects}
-
-
-def collate_vlm(items: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
-    """:class:`VLMProcessor` items -> a :class:`RegionVLM` batch: ids/labels/attention padded on
-    ``padding_side``, every visual's patches concatenated in sample order, masks zero-padded to the batch's
-    largest frame size, objects renumbered across the batch."""
-    from refvllm.constants import IGNORE_INDEX
-
-    length = max(len(it["input_ids"]) for it in items)
-    ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    mask = torch.zeros_like(ids)
-    for i, it in enumerate(items):
-        n = len(it["input_ids"])
-        cols = slice(length - n, length) if padding_side == "left" else slice(0, n)
-        ids[i, cols], mask[i, cols] = it["input_ids"], 1
-        if "labels" in it:
-            labels[i, cols] = it["labels"]
-    sizes = [it["region_masks"].shape[1:] for it in items]  # an item without masks still has their frame size
-    height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
-    masks = torch.zeros(sum(it["region_masks"].shape[0] for it in items), height, width, dtype=torch.bool)
-    row, first_object = 0, 0
-    visual_index, object_index, object_sample = [], [], []
-    for i, it in enumerate(items):
-        m = it["region_masks"]
-        masks[row:row + len(m), : m.shape[1], : m.shape[2]] = m
-        row += len(m)
-        visual_index.append(torch.full((len(m),), i, dtype=torch.long))
-        object_index.append(it["region_object_index"] + first_object)
-        object_sample += [i] * it["num_objects"]
-        first_object += it["num_objects"]
-    batch = {"input_ids": ids, "attention_mask": mask,
-             "pixel_values": torch.cat([it["pixel_values"] for it in items]),
-             "visual_grid_thw": torch.stack([it["visual_grid_thw"] for it in items]),
-             "visual_is_video": torch.tensor([it["visual_is_video"] for it in items]),
-             "second_per_grid_ts": torch.tensor([it["second_per_grid_ts"] for it in items], dtype=torch.float32),
-             "region_masks": masks, "region_visual_index": torch.cat(visual_index),
-             "region_frame_index": torch.cat([it["region_frame_index"] for it in items]),
-             "region_object_index": torch.cat(object_index),
-             "object_sample_index": torch.tensor(object_sample, dtype=torch.long)}
-    if any("labels" in it for it in items):
-        batch["labels"] = labels
-    return batch
 
 
 class ParameterView:
@@ -586,32 +426,32 @@ class ParameterView:
         return (p for _, p in self.named_parameters())
 
 
-def build_region_vlm(path: str, model, dtype: torch.dtype = torch.float32, float32_masters: bool = False,
-                     revision: str | None = None) -> RegionVLM:
-    """A :class:`RegionVLM` on the Qwen2.5-VL at ``path`` (local directory or hub id) for the model config
-    ``model`` (``cfg.model``: ``train_vision``/``train_projector`` frozen|full, ``train_llm``
-    lora|full|frozen with ``lora``, ``region`` (pooling, geometry, hidden size, max tokens, merge, dropout),
-    ``attn_implementation``, ``gradient_checkpointing``). The region encoder maps the merged tokens' width to
-    the LLM's; everything pretrained keeps ``dtype``; with ``float32_masters`` (training) every trainable
-    parameter is float32."""
+def build_region_vlm(model, float32_masters: bool = False) -> RegionVLM:
+    """The Qwen2.5-VL family's builder: a :class:`RegionVLM` on the VLM at ``model.vlm_path`` (local directory
+    or hub id at ``model.vlm_revision``) for the model config ``model`` (``cfg.model``: ``train_vision`` /
+    ``train_projector`` frozen|full (``auto``: the merger frozen), ``train_llm`` lora|full|frozen with
+    ``lora`` on the language model only, ``region`` (pooling, geometry, hidden size, max tokens, merge,
+    dropout), ``attn_implementation``, ``dtype``, ``gradient_checkpointing``). The region encoder maps the
+    merged tokens' width to the LLM's; everything pretrained keeps ``model.dtype``; with ``float32_masters``
+    (training) every trainable parameter is float32."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from refvllm.hub import first_line
-    from refvllm.model.build import _enable_checkpointing, use_float32_masters
+    from refvllm.hub import check_model, first_line
+    from refvllm.layout import region_layout
+    from refvllm.model.build import DTYPES, _enable_checkpointing, use_float32_masters
     from refvllm.model.region import RegionEncoder
 
+    path, revision = model.vlm_path, model.vlm_revision or None
+    check_model(path, "model.vlm_path", revision)
     try:
         vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, attn_implementation=model.attn_implementation, revision=revision)
+            path, dtype=DTYPES[model.dtype], attn_implementation=model.attn_implementation, revision=revision)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.vlm_path: cannot load a Qwen2.5-VL from '{path}': {first_line(e)}") from None
-    for mode, key in ((model.train_vision, "train_vision"), (model.train_projector, "train_projector")):
-        if mode not in ("frozen", "full"):
-            raise ConfigError(f"model.{key}={mode}: a pretrained VLM's vision encoder and merger are frozen or full")
+    merger = "frozen" if model.train_projector == "auto" else model.train_projector
     vlm.requires_grad_(False)
-    visual = vlm.model.visual
-    for name, p in visual.named_parameters():
-        p.requires_grad_((model.train_projector if name.startswith("merger.") else model.train_vision) == "full")
+    for name, p in vlm.model.visual.named_parameters():
+        p.requires_grad_((merger if name.startswith("merger.") else model.train_vision) == "full")
     if model.train_llm == "full":
         vlm.model.language_model.requires_grad_(True)
         vlm.lm_head.requires_grad_(True)
@@ -624,15 +464,24 @@ def build_region_vlm(path: str, model, dtype: torch.dtype = torch.float32, float
             if n in trainable:
                 p.requires_grad_(True)
     width = vlm.config.text_config.hidden_size
-    layout = TokenLayout(grid=1, spatial_pool=1, temporal_pool=1, region_max_tokens=model.region.max_tokens,
-                         region_merge=model.region.merge)  # the region rule only; visual counts come from grids
     patch = vlm.config.vision_config.patch_size * vlm.config.vision_config.spatial_merge_size
-    region = RegionEncoder(width, width, model.region.hidden_size or width, layout, patch, model.region.pooling,
-                           model.region.geometry)
+    region = RegionEncoder(width, width, model.region.hidden_size or width, region_layout(model), patch,
+                           model.region.pooling, model.region.geometry)
     region.requires_grad_(model.train_region == "full")
     pad = vlm.config.text_config.pad_token_id
     out = RegionVLM(vlm, region, int(pad if pad is not None else vlm.config.text_config.eos_token_id),
                     model.region.dropout)
     if float32_masters:
         use_float32_masters(out)
+    return out
+
+
+def export_merged_vlm(model: RegionVLM, processor, out: str, dtype: torch.dtype) -> str:
+    """The family's merged export: the VLM with the LoRA merged into its language model (or as trained), as a
+    plain Qwen2.5-VL directory in ``dtype`` with its processor files (tokenizer, chat template, pixel settings), which
+    ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` and ``AutoProcessor`` load. The region encoder is
+    not part of it (it stays in the export's extra_trainables.safetensors)."""
+    vlm = model.adapter_model.merge_and_unload() if model.adapter_model is not None else model.vlm
+    vlm.to(dtype).save_pretrained(out)
+    processor.save_pretrained(out)
     return out

@@ -63,6 +63,21 @@ class RefVLM(nn.Module):
         self.pad_token_id = pad_token_id
         self.region_dropout = region_dropout
 
+    # The checkpoint format's view of the model (refvllm/checkpoint.py): the roles whose weights start random
+    # (saved whole, trained or not) and the PEFT model whose adapter is saved in PEFT's layout.
+    FRESH_ROLES = ("projector", "region")
+
+    @property
+    def adapter_model(self):
+        """The LLM when it is a PeftModel (train_llm=lora), else None."""
+        from peft import PeftModel
+
+        return self.llm if isinstance(self.llm, PeftModel) else None
+
+    @property
+    def generation_config(self):
+        return getattr(self.llm, "generation_config", None)
+
     # ----------------------------------------------------------------------------------------- features
     def _features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Visual tokens [N_V, D], region tokens [N_R, D] and a zero-valued scalar that touches every module that

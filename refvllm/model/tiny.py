@@ -294,6 +294,9 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+TINY_VLM_MIN_PIXELS = 112 * 112
+
+
 def write_tiny_vlm(path: str | os.PathLike, seed: int = 0) -> str:
     """A tiny Qwen2.5-VL at ``path`` (an existing one is replaced, as :func:`write_tiny_checkpoints` does),
     float32, its generation config greedy as the tiny LLM's; see
@@ -304,5 +307,31 @@ def write_tiny_vlm(path: str | os.PathLike, seed: int = 0) -> str:
     if path.exists():
         shutil.rmtree(path)
     with _atomic_dir(path) as tmp:
-        write_checkpoint(tmp, "tiny", seed=seed, dtype=torch.float32, sampling=False)
+        # 64 x 64 synthetic media at the hub's min_pixels would be 2 x 2 merged tokens a frame; at 112 x 112 they
+        # are 4 x 4 (8 x 8 patches of 14 px, the tiny assembled tower's patch grid).
+        write_checkpoint(tmp, "tiny", seed=seed, dtype=torch.float32, sampling=False,
+                         min_pixels=TINY_VLM_MIN_PIXELS)
     return str(path)
+
+
+def write_tiny_assembled(model) -> None:
+    """The assembled family's ``model.tiny`` hook: the tiny vision tower and LLM at ``model.vision_path`` /
+    ``model.llm_path`` where missing (not a local directory with config.json, nor in the hub cache)."""
+    from refvllm.errors import ConfigError
+    from refvllm.hub import cached_file, config_revision
+
+    for which, path, write in (("vision", model.vision_path, write_tiny_vision),
+                               ("llm", model.llm_path, write_tiny_llm)):
+        if not path:
+            raise ConfigError(f"config key 'model.{which}_path' is empty; with model.tiny it names where the tiny "
+                              "checkpoint goes")
+        if cached_file(path, "config.json", config_revision(model, which)) is None:
+            write(path)
+
+
+def write_tiny_vlm_at(model) -> None:
+    """The Qwen2.5-VL family's ``model.tiny`` hook: the tiny VLM at ``model.vlm_path`` when missing."""
+    from refvllm.hub import cached_file
+
+    if cached_file(model.vlm_path, "config.json", model.vlm_revision or None) is None:
+        write_tiny_vlm(model.vlm_path)

@@ -96,34 +96,22 @@ def build_data(cfg: Config, accelerator, seed_generator: torch.Generator):
 
     The loader gets its own generator so that creating its iterator never draws from the global torch RNG
     (the RNG stream of training must not depend on when the loader was started)."""
-    from refvllm.data.collate import Collator
     from refvllm.data.dataset import BadSampleCounter, RefDataset, ResumableSampler
-    from refvllm.data.processor import Processor
+    from refvllm.families import make_processor
 
-    processor = Processor.from_config(cfg)
+    processor = make_processor(cfg)
     dataset = RefDataset.from_config(cfg, processor)
     sampler = ResumableSampler(len(dataset), cfg.train.seed, cfg.train.micro_batch_size,
                                num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(processor.pad_token_id),
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=processor.collator(),
                                          num_workers=cfg.data.num_workers, generator=seed_generator,
                                          pin_memory=torch.cuda.is_available())
     return processor, dataset, sampler, loader, BadSampleCounter(cfg.data.max_bad_samples)
 
 
 def make_dummy_batch(processor) -> dict:
-    """A one-sample, text-only batch with no label token (collate layout): its loss is exactly zero, yet the
-    model's zero-weighted dummy path runs every trainable module, so a process whose micro-batch was all bad
-    samples still takes part in the gradient all-reduce (DDP) and the micro-step count (DeepSpeed)."""
-    from refvllm.constants import IGNORE_INDEX
-    from refvllm.data.collate import collate
-
-    size, pad = processor.spec.image_size, processor.pad_token_id
-    no_rows = torch.zeros(0, dtype=torch.long)
-    item = {"input_ids": torch.tensor([pad, pad]), "labels": torch.tensor([IGNORE_INDEX, IGNORE_INDEX]),
-            "pixel_values": torch.zeros(0, 3, size, size), "region_masks": torch.zeros(0, size, size, dtype=torch.bool),
-            "region_frame_index": no_rows, "region_object_index": no_rows, "num_objects": 0, "sample_index": -1,
-            "sample_id": "<dummy>"}
-    return collate([item], pad)
+    """The batch of :meth:`Processor.dummy_item`: stands in for a micro-batch whose samples were all skipped."""
+    return processor.collate([processor.dummy_item()])
 
 
 def setup(cfg: Config) -> Run:

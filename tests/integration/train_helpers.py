@@ -45,16 +45,17 @@ def overrides(assets: dict[str, str], output_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def run_training(args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300):
-    """Run scripts/train.py (torchrun with ``nproc`` > 1) with the demo config and ``args``; returns the
-    CompletedProcess (stdout and stderr merged)."""
+def run_training(args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300,
+                 config: str = "demo.yaml"):
+    """Run scripts/train.py (torchrun with ``nproc`` > 1) with ``configs/CONFIG`` (the demo's by default) and
+    ``args``; returns the CompletedProcess (stdout and stderr merged)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                 "PYTHONUNBUFFERED": "1", **(env or {})}
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     else:
         cmd = [sys.executable]
-    cmd += [str(TRAIN_SCRIPT), "--config", str(ROOT / "configs" / "demo.yaml"), *args]
+    cmd += [str(TRAIN_SCRIPT), "--config", str(ROOT / "configs" / config), *args]
     return subprocess.run(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=timeout)
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from refvllm.data import qwen2_5_vl as qd
 from refvllm.model import qwen2_5_vl as q
 
 
@@ -19,7 +20,7 @@ def tiny(tmp_path_factory):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
     return {"path": path, "model": model, "tokenizer": AutoTokenizer.from_pretrained(path),
             "image_processor": AutoImageProcessor.from_pretrained(path),
-            "pre": q.Preprocessor.from_file(f"{path}/preprocessor_config.json")}
+            "pre": qd.Preprocessor.from_file(f"{path}/preprocessor_config.json")}
 
 
 def _frames(num: int, height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -48,7 +49,7 @@ def test_frame_patches_equal_the_image_processor(tiny, size):
     """One frame (repeated over the temporal patch, as the image processor does): the same pixels and grid,
     through resizing too (100 x 130 is not a multiple of 28; 30 x 400 is below min_pixels on one side)."""
     frame = _frames(1, *size)
-    ours, grid = q.video_patches(frame, tiny["pre"])
+    ours, grid = qd.video_patches(frame, tiny["pre"])
     theirs = tiny["image_processor"](images=[frame[0]], return_tensors="pt")
     assert tuple(theirs["image_grid_thw"][0].tolist()) == grid
     torch.testing.assert_close(ours, theirs["pixel_values"], rtol=0, atol=1e-5)
@@ -58,10 +59,10 @@ def test_video_patches_pair_consecutive_frames(tiny):
     """Row layout (C, tp, p, p): temporal slot k of token frame j holds frame 2j + k; an odd count repeats
     the last frame."""
     frames = _frames(3, 56, 84, seed=1)
-    patches, (t, h, w) = q.video_patches(frames, tiny["pre"])
+    patches, (t, h, w) = qd.video_patches(frames, tiny["pre"])
     assert (t, h, w) == (2, 4, 6)
     rows = patches.reshape(t, h // 2, w // 2, 2, 2, 3, 2, 14, 14)
-    single = [q.video_patches(frames[i:i + 1], tiny["pre"])[0].reshape(h // 2, w // 2, 2, 2, 3, 2, 14, 14)
+    single = [qd.video_patches(frames[i:i + 1], tiny["pre"])[0].reshape(h // 2, w // 2, 2, 2, 3, 2, 14, 14)
               for i in range(3)]
     for j, k, frame in ((0, 0, 0), (0, 1, 1), (1, 0, 2), (1, 1, 2)):
         torch.testing.assert_close(rows[j, :, :, :, :, :, k], single[frame][:, :, :, :, :, 0])
@@ -81,7 +82,7 @@ def test_one_vision_pass_and_own_positions_give_plain_transformers_logits(tiny, 
     """refvllm's split (vision pass, scatter, the model's own mRoPE index, forward on embeddings) against the
     model's own forward on the same pixels, ids, grid and time between token frames."""
     model = tiny["model"]
-    pixels, grid = q.video_patches(_frames(num_frames, 84, 112, seed=2), tiny["pre"])
+    pixels, grid = qd.video_patches(_frames(num_frames, 84, 112, seed=2), tiny["pre"])
     ids = _video_prompt(tiny, grid)
     grid_thw, mask = torch.tensor([grid]), torch.ones_like(ids)
     seconds = torch.tensor([tiny["pre"].temporal_patch_size / fps])
@@ -137,7 +138,7 @@ def _sample(tiny, frames: np.ndarray, fps: float, objects: list[list[tuple[int, 
     question's marks."""
     from refvllm.constants import REGION_TOKEN_ID
 
-    pixels, grid = q.video_patches(frames, tiny["pre"])
+    pixels, grid = qd.video_patches(frames, tiny["pre"])
     tokenizer = tiny["tokenizer"]
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}], tokenize=False,
@@ -157,6 +158,14 @@ def _sample(tiny, frames: np.ndarray, fps: float, objects: list[list[tuple[int, 
             "region_frame_index": torch.tensor([f for f, _, _ in masks], dtype=torch.long),
             "region_object_index": torch.tensor([k for _, k, _ in masks], dtype=torch.long),
             "num_objects": len(objects)}
+
+
+def _collate(items: list[dict], pad: int, side: str = "right") -> dict:
+    """The RegionVLM batch of ``items`` (hand-built ones get a sample index and id)."""
+    from refvllm.data.collate import collate
+
+    items = [{"sample_index": i, "sample_id": str(i), **it} for i, it in enumerate(items)]
+    return collate(items, pad, side, qd.VLMProcessor.batch_visuals)
 
 
 def _plain_inputs(vlm, batch: dict) -> dict:
@@ -183,7 +192,7 @@ def _cell_mask(height: int, width: int, row: int, col: int) -> torch.Tensor:
 def test_region_vlm_without_regions_is_the_plain_vlm(tiny):
     model = _region_model(tiny)
     sample = _sample(tiny, _frames(4, 56, 84, seed=3), 2.0, [], question="What happens?")
-    batch = q.collate_vlm([sample], tiny["tokenizer"].pad_token_id)
+    batch = _collate([sample], tiny["tokenizer"].pad_token_id)
     with torch.no_grad():
         ours = model(batch).logits
     torch.testing.assert_close(ours, _plain_logits(tiny["model"], batch), rtol=1e-5, atol=1e-5)
@@ -198,10 +207,10 @@ def test_region_tokens_pool_the_merged_tokens_of_their_token_frame(tiny):
     model.region.mlp = torch.nn.Identity()
     frames = _frames(4, 56, 84, seed=4)
     objects = [[(0, _cell_mask(56, 84, 0, 1)), (1, _cell_mask(56, 84, 0, 1))], [(2, _cell_mask(56, 84, 1, 2))]]
-    batch = q.collate_vlm([_sample(tiny, frames, 2.0, objects, question=f"Is {MARK} near {MARK}?")],
+    batch = _collate([_sample(tiny, frames, 2.0, objects, question=f"Is {MARK} near {MARK}?")],
                           tiny["tokenizer"].pad_token_id)
     with torch.no_grad():
-        embeds = model.embed(batch)
+        embeds, _ = model.embed(batch)
         merged = q.merged_features(model.vlm, batch["pixel_values"], batch["visual_grid_thw"])
     merged = merged.reshape(2, 2, 3, -1)  # the one video's (token frame, row, col)
     region = embeds[0, batch["input_ids"][0] == REGION_TOKEN_ID]
@@ -218,7 +227,7 @@ def test_region_vlm_trains_the_region_encoder_and_changes_the_answer(tiny):
     sample = _sample(tiny, _frames(4, 56, 84, seed=5), 2.0, [[(0, _cell_mask(56, 84, 1, 0))]])
     answer = tiny["tokenizer"]("It moves left.<|im_end|>", add_special_tokens=False)["input_ids"]
     sample["input_ids"] = torch.cat([sample["input_ids"], torch.tensor(answer)])
-    batch = q.collate_vlm([sample], tiny["tokenizer"].pad_token_id)
+    batch = _collate([sample], tiny["tokenizer"].pad_token_id)
     labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
     labels[0, -len(answer):] = torch.tensor(answer)
     batch["labels"] = labels
@@ -241,9 +250,9 @@ def test_batch_of_different_frame_sizes_equals_each_sample_alone(tiny):
                 question=f"Where does {MARK} go next, and why?")
     pad = tiny["tokenizer"].pad_token_id
     with torch.no_grad():
-        together = model(q.collate_vlm([a, b], pad)).logits
+        together = model(_collate([a, b], pad)).logits
         for i, s in enumerate((a, b)):
-            alone = model(q.collate_vlm([s], pad)).logits[0]
+            alone = model(_collate([s], pad)).logits[0]
             torch.testing.assert_close(together[i, : len(s["input_ids"])], alone, rtol=1e-4, atol=1e-5)
 
 
@@ -261,7 +270,7 @@ def test_lora_on_the_language_model_only_and_a_merge_plain_transformers_loads(ti
                                                   "down_proj"}
     model = _region_model(tiny)
     model.vlm = peft_vlm
-    batch = q.collate_vlm([_sample(tiny, _frames(4, 56, 84, seed=8), 2.0, [], question="What happens?")],
+    batch = _collate([_sample(tiny, _frames(4, 56, 84, seed=8), 2.0, [], question="What happens?")],
                           tiny["tokenizer"].pad_token_id)
     with torch.no_grad():
         initial = model(batch).logits
@@ -294,11 +303,11 @@ def test_media_frame_rate_and_the_time_between_token_frames(tmp_path):
     decoded = decode_sample(parse_sample(video_sample("v.mp4"), 0), tmp_path, 4, 32)
     assert decoded.fps == pytest.approx(10.0) and decoded.plan.frame_indices == [2, 6, 10, 14]
     # stride 4 frames at 10 fps = 0.4 s a frame, 0.8 s per token frame of 2
-    assert q.seconds_per_token_frame(decoded.plan.frame_indices, decoded.fps, 2) == pytest.approx(0.8)
-    assert q.seconds_per_token_frame([0, 1, 5], None, 2, default_fps=2.0) == pytest.approx(2.5)
-    assert q.seconds_per_token_frame([3], 5.0, 2) == pytest.approx(0.4)
+    assert qd.seconds_per_token_frame(decoded.plan.frame_indices, decoded.fps, 2) == pytest.approx(0.8)
+    assert qd.seconds_per_token_frame([0, 1, 5], None, 2, default_fps=2.0) == pytest.approx(2.5)
+    assert qd.seconds_per_token_frame([3], 5.0, 2) == pytest.approx(0.4)
     with pytest.raises(DataError, match="no frame rate") as e:
-        q.seconds_per_token_frame([0, 2], None, 2)
+        qd.seconds_per_token_frame([0, 2], None, 2)
     assert e.value.category == "frame_rate"
 
 
@@ -325,7 +334,7 @@ def _vlm_processor(tiny, num_frames=4):
 
     layout = TokenLayout(grid=1, spatial_pool=1, temporal_pool=1, region_max_tokens=2, region_merge="merge")
     # The synthetic videos are frame folders, which state no frame rate: the default stands in.
-    return q.VLMProcessor.from_checkpoint(tiny["path"], layout, max_length=4096, num_frames=num_frames,
+    return qd.VLMProcessor.from_checkpoint(tiny["path"], layout, max_length=4096, num_frames=num_frames,
                                           default_fps=2.0)
 
 
@@ -348,7 +357,7 @@ def test_processor_items_run_through_region_vlm_and_the_plain_model_accepts_thei
         assert it["pixel_values"].shape == (t * h * w, 3 * 2 * 14 * 14)
         assert it["region_masks"].shape[1:] == (h * 14, w * 14)  # masks at the frame size the model sees
     model = _region_model(tiny).train()
-    batch = q.collate_vlm(items[:3], processor.pad_token_id)
+    batch = _collate(items[:3], processor.pad_token_id)
     out = model(batch, logits_at="labels")
     out.loss.backward()
     assert torch.isfinite(out.loss) and model.region.mlp[0].weight.grad.abs().sum() > 0
@@ -376,7 +385,7 @@ def test_a_video_without_regions_through_the_processor_equals_the_plain_model(ti
     root, train_file = synthetic
     raw = _without_regions(next(r for r in json.loads(Path(train_file).read_text()) if "video" in r))
     decoded = decode_sample(parse_sample(raw, 0), root, 4, processor.frame_size)
-    batch = q.collate_vlm([processor.encode(decoded)], processor.pad_token_id)
+    batch = _collate([processor.encode(decoded)], processor.pad_token_id)
     with torch.no_grad():
         ours = _region_model(tiny)(batch).logits
     torch.testing.assert_close(ours, _plain_logits(tiny["model"], batch), rtol=1e-5, atol=1e-5)
@@ -387,9 +396,9 @@ def test_build_region_vlm_trainability_roles_and_masters(tiny):
     from refvllm.config import load_config
     from refvllm.model.build import parameter_counts, parameter_groups
 
-    model_cfg = load_config(None, ["model.train_projector=frozen", "model.lora.r=4", "model.lora.alpha=8",
-                                   "model.region.max_tokens=2"]).model
-    model = q.build_region_vlm(tiny["path"], model_cfg, dtype=torch.bfloat16, float32_masters=True)
+    model_cfg = load_config(None, [f"model.vlm_path={tiny['path']}", "model.lora.r=4", "model.lora.alpha=8",
+                                   "model.region.max_tokens=2", "model.dtype=bfloat16"]).model
+    model = q.build_region_vlm(model_cfg, float32_masters=True)
     counts = parameter_counts(model)
     assert counts["vision"]["trainable"] == counts["projector"]["trainable"] == 0
     assert 0 < counts["llm"]["trainable"] < counts["llm"]["total"]  # the adapters
@@ -400,9 +409,10 @@ def test_build_region_vlm_trainability_roles_and_masters(tiny):
     groups = parameter_groups(model)
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad and n.startswith("vlm."))
     assert {k for k, v in groups.items() if v} == {"llm", "region"}
-    merger_full = q.build_region_vlm(tiny["path"], load_config(None, ["model.lora.r=4"]).model)
+    merger_full = q.build_region_vlm(load_config(None, [f"model.vlm_path={tiny['path']}", "model.lora.r=4",
+                                                        "model.train_projector=full"]).model)
     assert parameter_counts(merger_full)["projector"]["trainable"] == parameter_counts(merger_full)["projector"][
-        "total"]  # train_projector=full (the assembled family's default) trains the merger
+        "total"]  # selectable: train_projector=full trains the merger (auto, the default, keeps it frozen)
 
 
 def test_generation_equals_plain_transformers_and_batching_keeps_answers(tiny, synthetic):
@@ -423,12 +433,12 @@ def test_generation_equals_plain_transformers_and_batching_keeps_answers(tiny, s
     vlm = tiny["model"]
     greedy = {"max_new_tokens": 6, "do_sample": False, "repetition_penalty": 1.0, "top_k": None, "top_p": None,
               "temperature": None}
-    alone = [model.generate(q.collate_vlm([p], processor.pad_token_id, "left"), **greedy)[0] for p in prompts]
-    batch = q.collate_vlm([prompts[0]], processor.pad_token_id, "left")
+    alone = [model.generate(_collate([p], processor.pad_token_id, "left"), **greedy)[0] for p in prompts]
+    batch = _collate([prompts[0]], processor.pad_token_id, "left")
     with torch.no_grad():
         plain = vlm.generate(**_plain_inputs(vlm, batch), **greedy)
     assert alone[0].tolist() == plain[0, batch["input_ids"].shape[1]:].tolist()
-    together = model.generate(q.collate_vlm(prompts, processor.pad_token_id, "left"), **greedy)
+    together = model.generate(_collate(prompts, processor.pad_token_id, "left"), **greedy)
     for i in range(2):
         assert together[i, : len(alone[i])].tolist() == alone[i].tolist()
 

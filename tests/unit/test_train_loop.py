@@ -26,7 +26,12 @@ def test_every_batch_is_taken_and_counted():
 
 
 def test_dummy_batch_layout():
-    processor = SimpleNamespace(spec=SimpleNamespace(image_size=16), pad_token_id=7)
+    from refvllm.data.processor import Processor
+
+    processor = SimpleNamespace(spec=SimpleNamespace(image_size=16), pad_token_id=7, batch_visuals=Processor.batch_visuals)
+    processor.dummy_item = lambda: Processor.dummy_item(processor)
+    processor.collate = lambda items: Processor.collate(processor, items)
+    processor.collator = lambda side="right": Processor.collator(processor, side)
     batch = make_dummy_batch(processor)
     assert batch["batch_size"] == 1 and batch["input_ids"].tolist() == [[7, 7]]
     assert (batch["labels"] == -100).all() and batch["attention_mask"].tolist() == [[1, 1]]

@@ -1,0 +1,118 @@
+"""The Qwen2.5-VL family end to end on the tiny VLM: train, exact resume, eval and export from the user's
+commands, and the export loaded by plain transformers / peft giving refvllm's logits."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from train_helpers import check_ok, run_training, weight_tensors
+
+from refvllm.checkpoint import load_for_inference
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from refvllm.data.synthetic import generate
+    from refvllm.model.tiny import write_tiny_vlm
+
+    root = tmp_path_factory.mktemp("vlm-family")
+    files = generate(root / "data", num_train=12, num_eval=4, seed=0)
+    vlm = write_tiny_vlm(root / "tiny" / "vlm")
+    return {"root": root, "eval_file": str(files.eval_file), "args": [
+        f"data.train_file={files.train_file}", f"data.data_root={root / 'data'}", "data.synth.enabled=false",
+        f"data.index_cache_dir={root / 'index-cache'}", "data.num_frames=4", "data.num_workers=0",
+        # The family's defaults (the demo config trains its random tiny encoder and merger): vision encoder and
+        # merger frozen, so that base + adapter is the whole trained VLM (plain peft must reproduce it).
+        f"model.vlm_path={vlm}", "model.tiny=false", "model.train_vision=frozen", "model.train_projector=auto",
+        "model.lora.dropout=0.0", "train.micro_batch_size=2",
+        "train.grad_accum=2", "train.max_steps=3", "train.save_steps=2", "train.save_total_limit=0",
+        "train.warmup_steps=0", "train.lr=0.02", "train.tensorboard=false", "train.resume=auto"]}
+
+
+@pytest.fixture(scope="module")
+def trained(assets):
+    """A 3-step run (checkpoints 2 and 3), and a second run resumed from a copy of its checkpoint 2."""
+    out = assets["root"] / "run"
+    check_ok(run_training([*assets["args"], f"train.output_dir={out}"], config="demo_vlm.yaml"))
+    resumed = assets["root"] / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    proc = run_training([*assets["args"], f"train.output_dir={resumed}"], config="demo_vlm.yaml")
+    check_ok(proc)
+    assert "resuming from" in proc.stdout
+    return out, resumed
+
+
+def test_resume_is_exact_and_the_checkpoint_holds_adapter_and_region_encoder(trained):
+    out, resumed = trained
+    a, b = weight_tensors(out / "checkpoint-3"), weight_tensors(resumed / "checkpoint-3")
+    assert a.keys() == b.keys()
+    assert any(k.startswith("region.") for k in a) and any("lora_" in k for k in a)
+    assert all(k.startswith(("region.", "adapter.")) for k in a)  # vision encoder and merger frozen
+    assert not any(k.startswith("vlm.") and "lora_" in k for k in a)  # LoRA weights live in the adapter only
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    adapter = json.loads((out / "checkpoint-3" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["target_modules"].startswith(".*\\.language_model\\.")  # the language model only
+
+
+def test_eval_runs_on_the_checkpoint(assets, trained):
+    from refvllm.cli import main as cli
+
+    out, _ = trained
+    metrics = assets["root"] / "eval" / "metrics.json"
+    assert cli(["eval", "--model", str(out), "--data", assets["eval_file"], "--data-root",
+                str(assets["root"] / "data"), "--out", str(metrics), "--no-progress"]) == 0
+    result = json.loads(metrics.read_text())
+    assert result["overall"]["n"] == 4 and result["overall"]["num_bad"] == 0
+
+
+def _sample_without_regions(assets, processor) -> dict:
+    """The first eval video as a training item with its regions removed (a plain video question)."""
+    from refvllm.data.decode import decode_sample
+    from refvllm.data.schema import parse_sample
+
+    raw = next(r for r in json.loads(open(assets["eval_file"]).read()) if "video" in r)
+    raw = {"id": "plain", "video": raw["video"], "conversations": [
+        {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "Things move."}]}
+    decoded = decode_sample(parse_sample(raw, 0), assets["root"] / "data", processor.num_frames,
+                            processor.frame_size)
+    return processor.collate([processor.encode(decoded)])
+
+
+def _plain_logits(vlm, batch: dict) -> torch.Tensor:
+    from refvllm.model.qwen2_5_vl import token_types
+
+    with torch.no_grad():
+        return vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["visual_grid_thw"],
+                   second_per_grid_ts=batch["second_per_grid_ts"],
+                   mm_token_type_ids=token_types(batch["input_ids"], vlm.config)).logits
+
+
+def test_merged_export_loads_in_plain_transformers_and_the_adapter_in_plain_peft(assets, trained):
+    from peft import PeftModel
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from refvllm.export import export
+
+    out, _ = trained
+    manifest = export(out / "checkpoint-3", assets["root"] / "export", merge=True)
+    merged_dir = manifest["merged_vlm_dir"]
+    cfg, model, processor = load_for_inference(assets["root"] / "export")
+    batch = _sample_without_regions(assets, processor)
+    with torch.no_grad():
+        ours = model(batch).logits
+    merged = Qwen2_5_VLForConditionalGeneration.from_pretrained(merged_dir).eval()
+    torch.testing.assert_close(_plain_logits(merged, batch), ours, rtol=1e-4, atol=1e-4)
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(cfg.model.vlm_path).eval()
+    assert not torch.allclose(_plain_logits(base, batch), ours, atol=1e-3)  # training moved the logits
+    with_adapter = PeftModel.from_pretrained(base, manifest["adapter_dir"]).eval()  # (injects into base)
+    torch.testing.assert_close(_plain_logits(with_adapter, batch), ours, rtol=1e-4, atol=1e-4)
+    # The merged directory carries the processing: tokenizer with its chat template, pixel settings.
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    assert tokenizer.chat_template == processor.tokenizer.chat_template
+    assert AutoImageProcessor.from_pretrained(merged_dir).size["shortest_edge"] == processor.pre.min_pixels == 112 * 112
