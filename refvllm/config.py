@@ -82,6 +82,9 @@ class RegionConfig:
     max_tokens: int = 4  # K: at most K region tokens per object after the temporal merge
     merge: str = "merge"  # merge (adjacent-similarity) | uniform (equal bins) | none (one token per mask frame)
     geometry: bool = False  # add a learned embedding of mask centroid, box and displacement since the first frame
+    # What a pretrained VLM's regions pool: merged (its merged tokens) | encoder (its encoder's patch features,
+    # before the merger); auto = the family's choice (merged). The assembled family pools its tower's patches.
+    features: str = "auto"
     hidden_size: int = 0  # MLP hidden width; 0 = the LLM's hidden size
     # Training only: the probability that a sample's region tokens are replaced by zeros (the input
     # --ablate-regions gives), so the model learns to guess among the question's answers without region evidence.
@@ -94,6 +97,11 @@ class ModelConfig:
     # (vlm_path: its own vision encoder, merger and LLM), never both; the family is the checkpoint's model_type.
     vlm_path: str = ""  # local directory or hub id of a pretrained video-LLM (Qwen/Qwen2.5-VL-7B-Instruct)
     vlm_revision: str = ""  # hub revision of vlm_path; empty = main
+    # A VLM's pixel budget per frame (Qwen2.5-VL: frames are resized to keep their aspect ratio with a pixel count
+    # in [min_pixels, max_pixels]); 0 = the checkpoint's preprocessor_config.json. Visual tokens per frame pair
+    # = pixels / 28^2, so max_pixels bounds a video's share of data.max_length.
+    min_pixels: int = 0
+    max_pixels: int = 0
     vision_path: str = ""  # local directory or hub id of a HF vision encoder (SigLIP, SigLIP2, CLIP)
     llm_path: str = ""  # local directory or hub id of a HF causal LM; its tokenizer is used
     vision_revision: str = ""  # hub revision (branch, tag or commit) of vision_path; empty = main
@@ -169,6 +177,7 @@ _CHOICES = {
     "data.mask_resize": ("rescale", "error"),
     "model.region.pooling": ("area", "binary"),
     "model.region.merge": ("merge", "uniform", "none"),
+    "model.region.features": ("auto", "merged", "encoder"),
     "model.train_vision": ("frozen", "lora", "full"),
     "model.train_projector": ("auto", "full", "frozen"),
     "model.train_region": ("full", "frozen"),
@@ -375,6 +384,8 @@ _RULES: list[tuple[str, _Allowed]] = [
     *((key, _one_of(choices)) for key, choices in _CHOICES.items()),
     ("data.num_frames", _at_least(1)),
     ("data.default_fps", _at_least(0)),  # 0 = none
+    ("model.min_pixels", _at_least(0)),  # 0 = the checkpoint's
+    ("model.max_pixels", _at_least(0)),
     ("data.max_length", _at_least(1)),
     ("data.max_bad_samples", _at_least(-1)),  # -1 = no limit
     ("data.num_workers", _at_least(0)),  # 0 = load in the training process
@@ -509,7 +520,17 @@ def _check_model_source(cfg: Config) -> None:
                               "on the language model; the vision encoder is frozen or fully trained)"
                               if m.train_vision == "lora" else
                               "config key 'model.vision_lora' does not apply with model.vlm_path; remove it")
+        if m.min_pixels and m.max_pixels and m.min_pixels > m.max_pixels:
+            raise ConfigError(f"config key 'model.min_pixels' must be <= model.max_pixels; got {m.min_pixels} > "
+                              f"{m.max_pixels}")
         return
+    if m.region.features != "auto":
+        raise ConfigError("config key 'model.region.features' applies to a pretrained VLM (model.vlm_path) only; "
+                          "the assembled family pools its vision tower's patch features")
+    for key in ("model.min_pixels", "model.max_pixels"):
+        if _get(cfg, key):
+            raise ConfigError(f"config key '{key}' applies to a pretrained VLM (model.vlm_path) only; the assembled "
+                              "family resizes frames to its vision tower's image size")
     if m.tiny:  # the tiny checkpoints are written at these paths
         for key in ("model.vision_path", "model.llm_path"):
             if not _get(cfg, key).strip():

@@ -1,13 +1,14 @@
 """``refvllm smoke``: check that a config's code paths run, on random real-shaped checkpoints at reduced depth.
 
     refvllm smoke CONFIG [--out DIR] [--layers N] [--steps N] [--sample-tokens N] [--as-is | --hub]
-                         [--vision-shape NAME] [--llm-shape NAME] [--merge] [key=value ...]
+                         [--vision-shape NAME] [--llm-shape NAME] [--vlm-shape NAME] [--merge] [key=value ...]
 
 Stages, each printed as one PASS/FAIL line with its time (a failure stops the check; the stage's output is in
 ``OUT/logs/STAGE.log``):
 
     checkpoints  random checkpoints of the shapes the config's model paths name (:mod:`refvllm.model.shapes`;
-                 e.g. google/siglip-so400m-patch14-384 + Qwen/Qwen2.5-7B-Instruct for configs/sft.yaml), at
+                 e.g. google/siglip-so400m-patch14-384 + Qwen/Qwen2.5-7B-Instruct for configs/sft.yaml, or
+                 the Qwen2.5-VL that ``model.vlm_path`` names: :mod:`refvllm.model.qwen2_5_vl`), at
                  ``--layers`` layers (a vision tower gets the extra layers ``model.vision_feature_layer``
                  cuts off, so ``--layers`` of them run); with ``--as-is`` the config's own checkpoints are used
     data         synthetic data (``refvllm synth``: 3 train, 2 eval samples with ``data.num_frames`` frames);
@@ -167,16 +168,39 @@ class Smoke:
 
 
 def stage_checkpoints(s: Smoke) -> str:
-    """Write (or reuse) the real-shaped checkpoints; point model.vision_path/llm_path at them (``--hub``: place
+    """Write (or reuse) the real-shaped checkpoints; point the config's model paths at them (``--hub``: place
     them in the hub cache ``OUT/hub`` under the config's ids instead)."""
-    from refvllm.model import shapes
-
     cfg = s.cfg()
     if s.args.as_is:
+        from refvllm.families import checkpoint_paths
         from refvllm.model.build import ensure_tiny_checkpoints
 
         ensure_tiny_checkpoints(cfg.model)  # model.tiny: the data stage needs them before training would write them
-        return f"the config's checkpoints: {cfg.model.vision_path} + {cfg.model.llm_path}"
+        return f"the config's checkpoints: {' + '.join(checkpoint_paths(cfg.model).values())}"
+    plan = _vlm_checkpoint(s, cfg) if cfg.model.vlm_path else _assembled_checkpoints(s, cfg)
+    written, reused = {}, []
+    for key, name, write in plan:  # (config key, shape name + depth, writer of that path)
+        path = s.out / "checkpoints" / name
+        if (path / "config.json").is_file():  # written by an earlier check (same shape, depth and seed)
+            reused.append(name)
+        else:
+            if path.exists():
+                shutil.rmtree(path)
+            write(path)
+        written[key] = str(path)
+    n = s.args.layers
+    note = f" ({', '.join(reused)} reused from {s.out / 'checkpoints'})" if reused else ""
+    what = f"{' + '.join(name for _, name, _ in plan)}, {n} layer{'s' if n != 1 else ''} each run, random weights{note}"
+    if s.args.hub:
+        return f"{what}; {place_in_hub_cache(s, cfg, written)}"
+    s.paths.update({**written, "model.tiny": "false"})
+    return what
+
+
+def _assembled_checkpoints(s: Smoke, cfg: Config) -> list[tuple[str, str, Callable]]:
+    """The vision tower and LLM shapes the config's paths name (or --vision-shape / --llm-shape)."""
+    from refvllm.model import shapes
+
     vision = s.args.vision_shape or shapes.vision_shape_for(cfg.model.vision_path)
     llm = s.args.llm_shape or shapes.llm_shape_for(cfg.model.llm_path)
     for which, name, path, known in (("vision", vision, cfg.model.vision_path, shapes.VISION_SHAPES),
@@ -184,24 +208,23 @@ def stage_checkpoints(s: Smoke) -> str:
         if name is None:
             raise ConfigError(f"no known real shape for model.{which}_path '{path}'; pass --{which}-shape "
                               f"({', '.join(known)}) or --as-is")
+    n, nv = s.args.layers, vision_layers(cfg, s.args.layers)
+    return [("model.vision_path", f"{vision}-{nv}layers", lambda path: shapes.write_vision(path, vision, nv)),
+            ("model.llm_path", f"{llm}-{n}layers", lambda path: shapes.write_llm(path, llm, n))]
+
+
+def _vlm_checkpoint(s: Smoke, cfg: Config) -> list[tuple[str, str, Callable]]:
+    """The Qwen2.5-VL shape ``model.vlm_path`` names (its hub config at ``--layers`` text and vision blocks,
+    bfloat16, Qwen's sampling generation config)."""
+    from refvllm.model import qwen2_5_vl
+
+    shape = s.args.vlm_shape or qwen2_5_vl.shape_for(cfg.model.vlm_path)
+    if shape is None:
+        raise ConfigError(f"no known real shape for model.vlm_path '{cfg.model.vlm_path}' (known: "
+                          f"{', '.join(qwen2_5_vl.SHAPES[k].hub_id for k in qwen2_5_vl.REAL_SHAPES)}); or --as-is")
     n = s.args.layers
-    written, reused = {}, []
-    for which, name, layers, write in (("vision", vision, vision_layers(cfg, n), shapes.write_vision),
-                                       ("llm", llm, n, shapes.write_llm)):
-        path = s.out / "checkpoints" / f"{name}-{layers}layers"
-        if (path / "config.json").is_file():  # written by an earlier check (same shape, depth and seed)
-            reused.append(name)
-        else:
-            if path.exists():
-                shutil.rmtree(path)
-            write(path, name, layers)
-        written[which] = str(path)
-    note = f" ({', '.join(reused)} reused from {s.out / 'checkpoints'})" if reused else ""
-    what = f"{vision} + {llm}, {n} layer{'s' if n != 1 else ''} each run, random weights{note}"
-    if s.args.hub:
-        return f"{what}; {place_in_hub_cache(s, cfg, written)}"
-    s.paths.update({"model.vision_path": written["vision"], "model.llm_path": written["llm"], "model.tiny": "false"})
-    return what
+    return [("model.vlm_path", f"{shape}-{n}layers",
+             lambda path: qwen2_5_vl.write_checkpoint(path, shape, layers=n, vision_layers=n))]
 
 
 def vision_layers(cfg: Config, layers: int) -> int:
@@ -212,20 +235,20 @@ def vision_layers(cfg: Config, layers: int) -> int:
 
 
 def place_in_hub_cache(s: Smoke, cfg: Config, written: dict[str, str]) -> str:
-    """``--hub``: the written checkpoints as the config's hub ids in ``OUT/hub``; the stages' environment reads
-    that cache offline."""
-    from refvllm.hub import config_revision, is_local, write_snapshot
+    """``--hub``: the written checkpoints (``{config key: directory}``) as the config's hub ids in ``OUT/hub``;
+    the stages' environment reads that cache offline."""
+    from refvllm.hub import is_local, write_snapshot
 
     cache = s.out / "hub"
     placed = []
-    for which in ("vision", "llm"):
-        repo_id = getattr(cfg.model, f"{which}_path")
+    for key, directory in written.items():
+        repo_id = getattr(cfg.model, key.removeprefix("model."))
         if is_local(repo_id) or repo_id.count("/") != 1:
-            raise ConfigError(f"--hub needs hub ids ('org/name') in model.{which}_path, got '{repo_id}'")
-        revision = config_revision(cfg.model, which) or "main"
-        write_snapshot(cache, repo_id, written[which], revision)
+            raise ConfigError(f"--hub needs hub ids ('org/name') in {key}, got '{repo_id}'")
+        revision = getattr(cfg.model, key.removeprefix("model.").replace("_path", "_revision")) or "main"
+        write_snapshot(cache, repo_id, directory, revision)
         placed.append(f"{repo_id}@{revision}")
-    s.local_models = {"model.vision_path": written["vision"], "model.llm_path": written["llm"]}
+    s.local_models = dict(written)
     s.env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     s.env.pop("HUGGINGFACE_HUB_CACHE", None)  # the old name would win over HF_HUB_CACHE in some versions
     return f"in the hub cache {cache} as {', '.join(placed)} (HF_HUB_OFFLINE=1)"
@@ -379,16 +402,22 @@ def stage_export_hub(s: Smoke) -> str:
     output = run_refvllm(s, "export", "--checkpoint", s.made["checkpoint"], "--out", str(out), "--overwrite",
                          "--merge")
     manifest = json.loads(output.strip().splitlines()[-1])
-    s.made["merged"], s.made["adapter"] = manifest["merged_llm_dir"], manifest["adapter_dir"] or ""
+    s.made["merged"] = manifest.get("merged_vlm_dir") or manifest["merged_llm_dir"]
+    s.made["adapter"] = manifest["adapter_dir"] or ""
+    s.made["model_class"] = "Qwen2_5_VLForConditionalGeneration" if manifest.get("merged_vlm_dir") else \
+        "AutoModelForCausalLM"
     return str(out)
 
 
-# Plain transformers and peft, nothing of refvllm: the merged LLM, and the adapter on the base model by the hub id
-# its adapter_config.json names, both from the offline cache; the same prompt's logits from each.
+# Plain transformers and peft, nothing of refvllm: the merged model (an LLM, or a whole VLM by its class), and the
+# adapter on the base model by the hub id its adapter_config.json names, both from the offline cache; the same
+# prompt's logits from each.
 _PLAIN_LOAD = """
 import json, sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import transformers
+from transformers import AutoTokenizer
 merged_dir, adapter_dir = sys.argv[1], sys.argv[2]
+AutoModelForCausalLM = getattr(transformers, sys.argv[3])
 tokenizer = AutoTokenizer.from_pretrained(merged_dir)
 ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the red circle doing?"}],
                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
@@ -411,7 +440,8 @@ print(json.dumps(result))
 
 def stage_load_hub(s: Smoke) -> str:
     """The merged LLM (and base + adapter) in plain transformers, offline from the hub cache."""
-    proc = subprocess.run([sys.executable, "-c", _PLAIN_LOAD, s.made["merged"], s.made["adapter"]], env=s.env,
+    proc = subprocess.run([sys.executable, "-c", _PLAIN_LOAD, s.made["merged"], s.made["adapter"],
+                           s.made["model_class"]], env=s.env,
                           text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     print(proc.stdout, flush=True)
     if proc.returncode != 0:
@@ -523,6 +553,7 @@ def smoke(config: str, out: str | Path, args: argparse.Namespace, overrides: lis
 
 
 def _parser() -> argparse.ArgumentParser:
+    from refvllm.model.qwen2_5_vl import SHAPES as VLM_SHAPES
     from refvllm.model.shapes import LLM_SHAPES, VISION_SHAPES
 
     p = argparse.ArgumentParser(prog="refvllm smoke", description="Check that a config's code paths run (train, "
@@ -541,6 +572,8 @@ def _parser() -> argparse.ArgumentParser:
                       "export --merge, then load the merged LLM in plain transformers)")
     p.add_argument("--vision-shape", choices=VISION_SHAPES,
                    help="vision shape to write (default: the one model.vision_path names)")
+    p.add_argument("--vlm-shape", choices=VLM_SHAPES,
+                   help="Qwen2.5-VL shape to write (default: the one model.vlm_path names; tiny: the test VLM)")
     p.add_argument("--llm-shape", choices=LLM_SHAPES, help="LLM shape to write (default: the one model.llm_path names)")
     p.add_argument("--merge", action="store_true", help="export the merged LLM too")
     return p

@@ -167,11 +167,20 @@ class VLMProcessor(Processor):
     @classmethod
     def from_config(cls, cfg) -> VLMProcessor:
         """The processor of ``model.vlm_path`` with the data settings of ``cfg`` (``data.default_fps`` 0: none)."""
+        from dataclasses import replace
+
         from refvllm.layout import region_layout
 
-        return cls.from_checkpoint(cfg.model.vlm_path, region_layout(cfg.model), cfg.data.max_length,
+        proc = cls.from_checkpoint(cfg.model.vlm_path, region_layout(cfg.model), cfg.data.max_length,
                                    cfg.data.num_frames, cfg.data.mask_resize, cfg.data.default_fps or None,
                                    cfg.model.vlm_revision or None)
+        m = cfg.model
+        proc.pre = replace(proc.pre, min_pixels=m.min_pixels or proc.pre.min_pixels,
+                           max_pixels=m.max_pixels or proc.pre.max_pixels)
+        if proc.pre.min_pixels > proc.pre.max_pixels:
+            raise ConfigError(f"model.min_pixels/max_pixels: with the checkpoint's settings the pixel range is "
+                              f"[{proc.pre.min_pixels}, {proc.pre.max_pixels}], which is empty")
+        return proc
 
     def save_pretrained(self, out: str | os.PathLike) -> None:
         """The tokenizer and the checkpoint's processor files (pixel settings, chat template) into ``out``, so
@@ -180,7 +189,15 @@ class VLMProcessor(Processor):
 
         super().save_pretrained(out)
         for name, file in getattr(self, "source_files", {}).items():
-            shutil.copyfile(file, Path(out) / name)
+            if name.endswith("preprocessor_config.json"):  # with the pixel budget this processor uses
+                data = json.loads(Path(file).read_text())
+                data.update(min_pixels=self.pre.min_pixels, max_pixels=self.pre.max_pixels)
+                if "size" in data:
+                    data["size"] = {**data["size"], "shortest_edge": self.pre.min_pixels,
+                                    "longest_edge": self.pre.max_pixels}
+                (Path(out) / name).write_text(json.dumps(data, indent=2) + "\n")
+            else:
+                shutil.copyfile(file, Path(out) / name)
 
     @property
     def frame_size(self) -> FrameSize:

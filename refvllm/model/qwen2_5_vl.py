@@ -34,6 +34,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,9 @@ from refvllm.model.refvlm import drop_regions, label_positions, next_token_loss
 from refvllm.model.shapes import QWEN2_5_GENERATION
 
 MODEL_TYPE = "qwen2_5_vl"
+# What regions pool: the merged tokens (after the merger, the LLM's width, 28-px cells) or the encoder's own
+# patch features (the merger's input, the encoder's width, 14-px cells). model.region.features; docs/model.md.
+REGION_FEATURES = ("merged", "encoder")
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2  # mm_token_type_ids values (transformers' convention)
 
@@ -101,6 +105,19 @@ SHAPES = {
                      "tokens_per_second": 2, "fullatt_block_indexes": [1], "out_hidden_size": 128,
                      "hidden_act": "silu"}, [4, 6, 6]),
 }
+
+
+REAL_SHAPES = tuple(k for k in SHAPES if SHAPES[k].hub_id)
+
+
+def shape_for(path: str) -> str | None:
+    """The shape of a Qwen2.5-VL named ``path`` (its hub id, a folder named like one, or a shape name)."""
+    if path in SHAPES:
+        return path
+    for name in REAL_SHAPES:
+        if SHAPES[name].hub_id.split("/")[-1].lower() in path.lower():
+            return name
+    return None
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -160,6 +177,10 @@ def write_checkpoint(path: str | os.PathLike, shape: str = "tiny", layers: int |
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
+    if shape == "tiny":  # the tiny LLM's head headroom (refvllm.model.tiny.OUTPUT_HEAD_ROW_NORM: LoRA leaves it frozen)
+        from refvllm.model.tiny import scale_output_head
+
+        scale_output_head(model)
     text = config.text_config
     generation = {"bos_token_id": text.bos_token_id, "pad_token_id": text.pad_token_id,
                   "eos_token_id": [text.eos_token_id, text.pad_token_id], "do_sample": False}
@@ -194,15 +215,33 @@ def language_model_lora(vlm, lora):
     # peft matches a string target as a full-match regex over module names.
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=rf".*\.language_model\..*\.({names})")
-    return get_peft_model(vlm, config)
+    with warnings.catch_warnings():  # peft still reads the deprecated name; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(vlm, config)
 
 
-def merged_features(model, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
-    """One pass of the VLM's vision encoder and merger: [sum(t*h*w), D_patch] pixels -> [sum(t*h*w)/m^2, D_llm]
-    video tokens, in the order the model scatters them (each video's (t, h/m, w/m))."""
+def vision_pass(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of the VLM's vision encoder and merger over [sum(t*h*w), D_pixel] patches: the merged tokens
+    [sum(t*h*w)/m^2, D_llm] in the order the model scatters them (each visual's (t, h/m, w/m)), and the
+    encoder's own patch features [sum(t*h*w), D_v] (the merger's input) back in the pixels' order (t, h/m, w/m,
+    m, m): the model runs its blocks in window-attention order and returns them so (``last_hidden_state``, in
+    transformers 5.17 and 5.24 alike); its own window index undoes that."""
+    from transformers.vision_utils import get_vision_window_index
+
     visual = base_vlm(model).model.visual
-    out = visual(pixel_values_videos.to(visual.dtype), grid_thw=video_grid_thw)
-    return out.pooler_output if hasattr(out, "pooler_output") else out
+    out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
+    vision = model.config.vision_config
+    window, _ = get_vision_window_index(grid_thw, spatial_merge_size=vision.spatial_merge_size,
+                                        window_size=vision.window_size, patch_size=vision.patch_size)
+    unit = vision.spatial_merge_size**2
+    patches = out.last_hidden_state
+    patches = patches.reshape(-1, unit, patches.shape[-1])[torch.argsort(window)].reshape(patches.shape)
+    return out.pooler_output, patches
+
+
+def merged_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    """The merged tokens of :func:`vision_pass` alone."""
+    return vision_pass(model, pixel_values, grid_thw)[0]
 
 
 def token_types(input_ids: torch.Tensor, config) -> torch.Tensor:
@@ -252,10 +291,13 @@ class RegionVLM(nn.Module):
     (``region.layout.num_region_tokens`` per object).
     """
 
-    def __init__(self, vlm: nn.Module, region: nn.Module, pad_token_id: int, region_dropout: float = 0.0):
+    def __init__(self, vlm: nn.Module, region: nn.Module, pad_token_id: int, region_dropout: float = 0.0,
+                 region_features: str = "merged"):
         super().__init__()
+        if region_features not in REGION_FEATURES:
+            raise ValueError(f"region_features must be one of {', '.join(REGION_FEATURES)}; got {region_features!r}")
         self.vlm, self.region, self.pad_token_id = vlm, region, pad_token_id
-        self.region_dropout = region_dropout
+        self.region_dropout, self.region_features = region_dropout, region_features
 
     # The checkpoint format's view of the model (refvllm/checkpoint.py): the roles whose weights start random
     # (saved whole, trained or not) and the PEFT model whose adapter is saved in PEFT's layout.
@@ -295,22 +337,32 @@ class RegionVLM(nn.Module):
         base = base_vlm(self.vlm)
         return ParameterView(base.model.language_model, extra=(("lm_head", base.lm_head),))
 
-    def _groups(self, batch: dict, merged: torch.Tensor) -> list[tuple[torch.Tensor, tuple[int, int], int]]:
-        """The merged tokens [sum_v t*h*w/m^2, D] as one pooling group per visual: (tokens [t, h/m * w/m, D],
-        its grid (h/m, w/m), the pixels per token side p*m)."""
+    def _groups(self, batch: dict, merged: torch.Tensor,
+                patches: torch.Tensor) -> list[tuple[torch.Tensor, tuple[int, int], int]]:
+        """The features regions pool, one group per visual: (tokens [t, rows * cols, D], (rows, cols), pixels per
+        cell side). ``merged`` (region_features "merged"): the merged tokens [sum_v t*h*w/m^2, D_llm] on the
+        (h/m, w/m) grid of 28-px cells; else the encoder's patches [sum_v t*h*w, D_v] (pixel order (t, h/m,
+        w/m, m, m)) on the (h, w) grid of 14-px cells."""
         vision = self.config.vision_config
         m, p = vision.spatial_merge_size, vision.patch_size
-        grids = batch["visual_grid_thw"]
-        return [(tokens.reshape(t, (h // m) * (w // m), -1), (h // m, w // m), p * m)
-                for tokens, (t, h, w) in zip(merged.split((grids.prod(-1) // (m * m)).tolist()), grids.tolist(),
-                                             strict=True)]
+        grids = batch["visual_grid_thw"].tolist()
+        if self.region_features == "merged":
+            return [(tokens.reshape(t, (h // m) * (w // m), -1), (h // m, w // m), p * m)
+                    for tokens, (t, h, w) in zip(merged.split([t * h * w // (m * m) for t, h, w in grids]), grids,
+                                                 strict=True)]
+        groups = []
+        for tokens, (t, h, w) in zip(patches.split([t * h * w for t, h, w in grids]), grids, strict=True):
+            grid = tokens.reshape(t, h // m, w // m, m, m, -1).permute(0, 1, 3, 2, 4, 5)  # (t, h/m, m, w/m, m)
+            groups.append((grid.reshape(t, h * w, -1), (h, w), p))
+        return groups
 
-    def _regions(self, batch: dict, merged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Region tokens [N_R, D] from the masks, pooled on each visual's token frames of the merged tokens,
-        and a zero-valued scalar: with no mask in the batch, the region encoder still runs once on a
+    def _regions(self, batch: dict, merged: torch.Tensor,
+                 patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region tokens [N_R, D] from the masks, pooled on each visual's token frames (:meth:`_groups`), and a
+        zero-valued scalar: with no mask in the batch, the region encoder still runs once on a
         whole-frame mask times zero, so it gets a gradient on every rank (DDP) and runs on every rank (ZeRO-3
         gathers its parameters collectively), as RefVLM's dummy path."""
-        masks, groups = batch["region_masks"], self._groups(batch, merged)
+        masks, groups = batch["region_masks"], self._groups(batch, merged, patches)
         zero = merged.new_zeros(())
         if masks.shape[0] == 0:
             tokens, (rows, cols), cell = groups[0]
@@ -352,8 +404,8 @@ class RegionVLM(nn.Module):
         config = self.config
         is_region = ids == REGION_TOKEN_ID
         is_visual = (ids == config.video_token_id) | (ids == config.image_token_id)
-        merged = merged_features(self.vlm, batch["pixel_values"], batch["visual_grid_thw"])
-        region, dummy = self._regions(batch, merged)
+        merged, patches = vision_pass(self.vlm, batch["pixel_values"], batch["visual_grid_thw"])
+        region, dummy = self._regions(batch, merged, patches)
         if int(is_region.sum()) != region.shape[0]:
             raise ModelInputError(f"the batch has {int(is_region.sum())} region placeholder positions but "
                                   f"{region.shape[0]} region tokens")
@@ -463,14 +515,16 @@ def build_region_vlm(model, float32_masters: bool = False) -> RegionVLM:
         for n, p in base_vlm(vlm).named_parameters():  # peft froze every base weight: restore the chosen ones
             if n in trainable:
                 p.requires_grad_(True)
-    width = vlm.config.text_config.hidden_size
-    patch = vlm.config.vision_config.patch_size * vlm.config.vision_config.spatial_merge_size
-    region = RegionEncoder(width, width, model.region.hidden_size or width, region_layout(model), patch,
+    width, vision = vlm.config.text_config.hidden_size, vlm.config.vision_config
+    features = "merged" if model.region.features == "auto" else model.region.features
+    source, patch = ((width, vision.patch_size * vision.spatial_merge_size) if features == "merged" else
+                     (vision.hidden_size, vision.patch_size))
+    region = RegionEncoder(source, width, model.region.hidden_size or width, region_layout(model), patch,
                            model.region.pooling, model.region.geometry)
     region.requires_grad_(model.train_region == "full")
     pad = vlm.config.text_config.pad_token_id
     out = RegionVLM(vlm, region, int(pad if pad is not None else vlm.config.text_config.eos_token_id),
-                    model.region.dropout)
+                    model.region.dropout, features)
     if float32_masters:
         use_float32_masters(out)
     return out

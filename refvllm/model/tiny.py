@@ -236,7 +236,7 @@ def _llm_model(kind: str, vocab_size: int, special: dict[str, int], hidden: int,
 OUTPUT_HEAD_ROW_NORM = 2.0
 
 
-def _scale_output_head(model) -> None:
+def scale_output_head(model) -> None:
     """Rescale every row of the LM head to norm OUTPUT_HEAD_ROW_NORM (directions stay random)."""
     with torch.no_grad():
         weight = model.get_output_embeddings().weight
@@ -254,7 +254,7 @@ def write_tiny_llm(path: str | os.PathLike, seed: int = 0, kind: str = "qwen2", 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1_000_003)  # not the vision tower's stream
         model = _llm_model(kind, len(tokenizer), special, hidden, layers)
-        _scale_output_head(model)
+        scale_output_head(model)
     model.generation_config = GenerationConfig(
         bos_token_id=special["<|endoftext|>"],
         eos_token_id=[special["<|im_end|>"], special["<|endoftext|>"]],

@@ -153,3 +153,22 @@ def test_smoke_hub_runs_the_recipe_by_hub_id_offline(tmp_path, capsys):
     assert json.loads((out / "checkpoints" / "siglip-so400m-2layers" / "config.json").read_text())[
         "vision_config"]["num_hidden_layers"] == 2
     assert not (out / "train" / "config.yaml").read_text().count(str(out / "checkpoints"))  # ids, not paths
+
+
+def test_smoke_hub_runs_the_vlm_recipe_by_hub_id_offline(tmp_path, capsys):
+    """``refvllm smoke configs/sft_qwen2_5_vl.yaml --hub``: a Qwen2.5-VL under the recipe's hub id in an
+    offline cache, family found by its model_type there, each stage the user's command, the merged VLM loaded
+    by plain Qwen2_5_VLForConditionalGeneration. Cheap here: the tiny VLM shape under the 7B id (with Qwen's
+    sampling generation config), 2 frames, no accumulation; the real-shaped run is in docs/training.md."""
+    out = tmp_path / "smoke"
+    code = cli(["smoke", str(ROOT / "configs" / "sft_qwen2_5_vl.yaml"), "--hub", "--out", str(out), "--vlm-shape",
+                "tiny", "--steps", "1", "data.num_frames=2", "data.max_length=1024", "train.grad_accum=1",
+                "data.num_workers=0", "data.default_fps=4", "eval.max_new_tokens=2"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "7/7 stages passed" in text
+    assert "as Qwen/Qwen2.5-VL-7B-Instruct@main" in text
+    assert "'do_sample': False, 'repetition_penalty': 1.0" in text
+    assert "base Qwen/Qwen2.5-VL-7B-Instruct" in text
+    assert "resuming from" in (out / "logs" / "resume.log").read_text()
+    assert (out / "export" / "merged_vlm" / "preprocessor_config.json").is_file()

@@ -3,6 +3,7 @@ commands, and the export loaded by plain transformers / peft giving refvllm's lo
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlm-family")
     files = generate(root / "data", num_train=12, num_eval=4, seed=0)
     vlm = write_tiny_vlm(root / "tiny" / "vlm")
-    return {"root": root, "eval_file": str(files.eval_file), "args": [
+    return {"root": root, "eval_file": str(files.eval_file), "train_file": str(files.train_file), "args": [
         f"data.train_file={files.train_file}", f"data.data_root={root / 'data'}", "data.synth.enabled=false",
         f"data.index_cache_dir={root / 'index-cache'}", "data.num_frames=4", "data.num_workers=0",
         # The family's defaults (the demo config trains its random tiny encoder and merger): vision encoder and
@@ -75,7 +76,7 @@ def _sample_without_regions(assets, processor) -> dict:
     from refvllm.data.decode import decode_sample
     from refvllm.data.schema import parse_sample
 
-    raw = next(r for r in json.loads(open(assets["eval_file"]).read()) if "video" in r)
+    raw = next(r for r in json.loads(Path(assets["eval_file"]).read_text()) if "video" in r)
     raw = {"id": "plain", "video": raw["video"], "conversations": [
         {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "Things move."}]}
     decoded = decode_sample(parse_sample(raw, 0), assets["root"] / "data", processor.num_frames,
@@ -116,3 +117,39 @@ def test_merged_export_loads_in_plain_transformers_and_the_adapter_in_plain_peft
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     assert tokenizer.chat_template == processor.tokenizer.chat_template
     assert AutoImageProcessor.from_pretrained(merged_dir).size["shortest_edge"] == processor.pre.min_pixels == 112 * 112
+
+
+def test_infer_answers_about_a_masked_object_and_ablation_reaches_the_model(assets, trained, capsys):
+    """``refvllm infer`` on the VLM checkpoint: a video file and a PNG mask give an answer; the engine's
+    ablated input differs from the normal one (the region tokens reach the model)."""
+    import numpy as np
+    from PIL import Image
+
+    from refvllm.cli import main as cli
+    from refvllm.infer import RefInference
+
+    out, _ = trained
+    records = json.loads(Path(assets["train_file"]).read_text())
+    record = next(r for r in records if str(r.get("video", "")).endswith(".mp4"))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:32, 8:32] = 255
+    png = assets["root"] / "mask.png"
+    Image.fromarray(mask).save(png)
+    video = assets["root"] / "data" / record["video"]
+    capsys.readouterr()
+    assert cli(["infer", "--model", str(out), "--video", str(video), "--mask-png", str(png), "--question",
+                "What colour is <region>?"]) == 0
+    assert capsys.readouterr().out.strip()  # an answer line
+    engine = RefInference.from_pretrained(out, device="cpu")
+    item = engine.prepare(*_query_sample(video, mask > 0))
+    batch = engine.processor.collate([item], "left")
+    with torch.no_grad():
+        normal, _ = engine.model.embed(batch)
+        ablated, _ = engine.model.embed(batch, ablate_regions=True)
+    assert not torch.equal(normal, ablated)
+
+
+def _query_sample(video, mask):
+    from refvllm.infer import Query, query_sample
+
+    return query_sample(Query(video, [mask], "What colour is <region>?", 0), 0)

@@ -159,3 +159,28 @@ def test_retired_eval_file_is_not_a_key_but_old_checkpoint_configs_load(tmp_path
     assert cfg.data.train_file == "d/train.json" and "eval_file" not in dump_yaml(cfg)
     with pytest.warns(UserWarning, match="'data.eval_file' is retired"):
         load_config(None, ["data.eval_file=d/eval.json"])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.vlm_path=Qwen/Qwen2.5-VL-7B-Instruct", "model.llm_path=Qwen/Qwen2.5-7B-Instruct"],
+     "'model.vlm_path' and 'model.llm_path' are both set"),
+    (["model.vlm_path=v", "model.vision_path=s"], "'model.vlm_path' and 'model.vision_path' are both set"),
+    (["model.vlm_path=v", "model.vision_feature_layer=-2"], "'model.vision_feature_layer' does not apply"),
+    (["model.vlm_path=v", "model.projector.spatial_pool=4"], "'model.projector.spatial_pool' does not apply"),
+    (["model.vlm_path=v", "model.train_vision=lora"], "must be frozen or full with model.vlm_path"),
+    (["model.vlm_path=v", "model.min_pixels=1000", "model.max_pixels=10"], "must be <= model.max_pixels"),
+    (["model.max_pixels=200704"], "'model.max_pixels' applies to a pretrained VLM"),
+    (["model.region.features=encoder"], "'model.region.features' applies to a pretrained VLM"),
+    (["model.vlm_path=v", "model.region.features=pixels"], "one of auto, merged, encoder"),
+    (["data.default_fps=-1"], ">= 0"),
+])
+def test_model_source_rules(overrides, message):
+    """A model is one pretrained VLM or an assembled pair; keys of the other kind are refused, not ignored."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_a_vlm_config_loads_and_leaves_the_merger_to_its_family():
+    cfg = load_config(None, ["model.vlm_path=Qwen/Qwen2.5-VL-7B-Instruct", "model.region.features=encoder",
+                             "model.max_pixels=200704", "data.default_fps=8"])
+    assert cfg.model.train_projector == "auto" and cfg.model.vision_path == ""

@@ -220,6 +220,32 @@ def test_region_tokens_pool_the_merged_tokens_of_their_token_frame(tiny):
     torch.testing.assert_close(region[2], merged[1, 1, 2])
 
 
+def test_the_encoder_patches_come_back_in_pixel_order_and_regions_can_pool_them(tiny):
+    """vision_pass undoes the encoder's window order: the merger applied to its patches (4 consecutive rows =
+    one merge unit in pixel order) gives the merged tokens; with region_features "encoder" a mask on one 14-px
+    cell pools exactly that patch (row 2*hb + mi, column 2*wb + mj of its token frame)."""
+    from refvllm.layout import TokenLayout
+    from refvllm.model.region import RegionEncoder
+
+    vlm = tiny["model"]
+    frames = _frames(4, 56, 112, seed=9)  # 4 x 8 patches: windows of 112 px split it, so the order matters
+    mask = torch.zeros(56, 112, dtype=torch.bool)
+    mask[14:28, 70:84] = True  # patch row 1, column 5: merge unit (0, 2), slot (1, 1)
+    batch = _collate([_sample(tiny, frames, 2.0, [[(2, mask)]])], tiny["tokenizer"].pad_token_id)
+    with torch.no_grad():
+        merged, patches = q.vision_pass(vlm, batch["pixel_values"], batch["visual_grid_thw"])
+        torch.testing.assert_close(vlm.model.visual.merger(patches), merged, rtol=1e-5, atol=1e-5)
+        layout = TokenLayout(grid=1, spatial_pool=1, temporal_pool=1, region_max_tokens=2, region_merge="merge")
+        width = vlm.config.vision_config.hidden_size
+        region = RegionEncoder(width, width, width, layout, patch_size=14)
+        region.mlp = torch.nn.Identity()
+        model = q.RegionVLM(vlm, region, tiny["tokenizer"].pad_token_id, region_features="encoder").eval()
+        pooled, _ = model._regions(batch, merged, patches)
+    unit = patches.reshape(2, 2, 4, 2, 2, -1)  # (token frame, hb, wb, mi, mj): frame 2 is token frame 1
+    assert pooled.shape[0] == 1
+    torch.testing.assert_close(pooled[0], unit[1, 0, 2, 1, 1])
+
+
 def test_region_vlm_trains_the_region_encoder_and_changes_the_answer(tiny):
     from refvllm.constants import IGNORE_INDEX
 
@@ -460,3 +486,99 @@ def test_tiny_model_command_writes_a_vlm_plain_transformers_loads(tmp_path, caps
     assert cli(["tiny-model", str(tmp_path / "b"), "--family", "qwen2_5_vl", "--seed", "3"]) == 0
     same = [(tmp_path / d / "vlm" / "model.safetensors").read_bytes() for d in ("a", "b")]
     assert same[0] == same[1]
+
+
+def _hf_messages(kind: str, question: str, answer: str | None = None) -> list[dict]:
+    messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def test_an_image_without_regions_equals_plain_transformers_with_its_own_processing(tiny, synthetic):
+    """The whole path against Hugging Face's own pieces, not ours: the image through HF's image processor,
+    the conversation through the checkpoint's chat template (system prompt included), its <|image_pad|>
+    expanded to the grid's token count as Qwen2_5_VLProcessor does. refvllm's processor makes the same ids
+    and pixels, RegionVLM (LoRA at its initial state) the same logits as plain from_pretrained, and greedy
+    generation the same answer."""
+    from PIL import Image
+
+    from refvllm.config import load_config
+    from refvllm.data.decode import decode_sample
+    from refvllm.data.schema import parse_sample
+
+    root, train_file = synthetic
+    record = next(r for r in json.loads(Path(train_file).read_text()) if "image" in r)
+    question = "How many objects are in the image?"
+    raw = {"id": "plain", "image": record["image"], "conversations": [
+        {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": "three"}]}
+    processor = _vlm_processor(tiny)
+    decoded = decode_sample(parse_sample(raw, 0), root, 4, processor.frame_size)
+    prompt = processor.encode_prompt(decoded)
+    theirs = tiny["image_processor"](images=[np.asarray(Image.open(root / record["image"]).convert("RGB"))],
+                                     return_tensors="pt")
+    tokens = int(theirs["image_grid_thw"].prod()) // 4
+    # The question follows the image on a new line in refvllm's rendering of "<image>\n..." (LLaVA's convention).
+    text = tiny["tokenizer"].apply_chat_template(_hf_messages("image", "\n" + question), tokenize=False,
+                                                 add_generation_prompt=True)
+    ids = tiny["tokenizer"](text.replace("<|image_pad|>", "<|image_pad|>" * tokens), return_tensors="pt")["input_ids"]
+    assert prompt["input_ids"].tolist() == ids[0].tolist()
+    torch.testing.assert_close(prompt["pixel_values"], theirs["pixel_values"], rtol=0, atol=1e-5)
+    assert prompt["visual_grid_thw"].tolist() == theirs["image_grid_thw"][0].tolist()
+
+    cfg = load_config(None, [f"model.vlm_path={tiny['path']}", "model.lora.r=4", "model.lora.alpha=8"])
+    model = q.build_region_vlm(cfg.model).eval()  # LoRA B = 0: the VLM as it was loaded
+    vlm = tiny["model"]
+    plain = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": theirs["pixel_values"],
+             "image_grid_thw": theirs["image_grid_thw"], "mm_token_type_ids": q.token_types(ids, vlm.config)}
+    batch = processor.collate([prompt], "left")
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch).logits, vlm(**plain).logits, rtol=1e-5, atol=1e-5)
+        greedy = {"max_new_tokens": 6, "do_sample": False, "repetition_penalty": 1.0, "top_k": None,
+                  "top_p": None, "temperature": None}
+        answer = vlm.generate(**plain, **greedy)[0, ids.shape[1]:]
+    assert model.generate(batch, **greedy)[0].tolist() == answer.tolist()
+
+
+def _torchvision_works() -> bool:
+    """HF's Qwen2-VL video processor needs torchvision (the GPU image has it; the registry's CUDA build fails
+    to import beside the CPU torch here)."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # ImportError, or RuntimeError "operator torchvision::nms does not exist"
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _torchvision_works(), reason="HF's video processor needs a working torchvision")
+def test_a_video_without_regions_equals_hf_s_own_video_processor(tiny, synthetic):
+    """Where HF's video processor runs: the same frames through Qwen2_5_VLProcessor (do_sample_frames=False,
+    the clip's fps in its metadata) give refvllm's pixels (to the resize backends' difference), grid,
+    second_per_grid_ts and ids, and the plain model's logits on HF's tensors equal RegionVLM's on ours."""
+    from transformers import AutoProcessor
+
+    from refvllm.data.decode import decode_sample
+    from refvllm.data.schema import parse_sample
+
+    root, train_file = synthetic
+    raw = _without_regions(next(r for r in json.loads(Path(train_file).read_text()) if "video" in r))
+    processor = _vlm_processor(tiny)
+    decoded = decode_sample(parse_sample(raw, 0), root, 4, processor.frame_size)
+    prompt = processor.encode_prompt(decoded)
+    hf = AutoProcessor.from_pretrained(tiny["path"])
+    text = hf.apply_chat_template(_hf_messages("video", "\nWhat happens?"), tokenize=False, add_generation_prompt=True)
+    # HF takes the frames as given (do_sample_frames=False) and the time between them from the metadata's fps:
+    # the rate at which the planned frames were sampled, tp / second_per_grid_ts.
+    metadata = {"fps": 2.0 / prompt["second_per_grid_ts"], "total_num_frames": len(decoded.frames)}
+    out = hf(text=[text], videos=[list(decoded.frames)], do_sample_frames=False, video_metadata=[metadata],
+             return_tensors="pt")
+    assert out["input_ids"][0].tolist() == prompt["input_ids"].tolist()
+    assert out["video_grid_thw"][0].tolist() == prompt["visual_grid_thw"].tolist()
+    torch.testing.assert_close(out["second_per_grid_ts"].float(), torch.tensor([prompt["second_per_grid_ts"]]))
+    torch.testing.assert_close(out["pixel_values_videos"], prompt["pixel_values"], rtol=0, atol=0.05)
+    batch = processor.collate([prompt], "left")
+    vlm = tiny["model"]
+    with torch.no_grad():
+        theirs = vlm(**{"mm_token_type_ids": q.token_types(out["input_ids"], vlm.config), **out}).logits
+        ours = _region_model(tiny)(batch).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)

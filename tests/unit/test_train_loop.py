@@ -28,7 +28,8 @@ def test_every_batch_is_taken_and_counted():
 def test_dummy_batch_layout():
     from refvllm.data.processor import Processor
 
-    processor = SimpleNamespace(spec=SimpleNamespace(image_size=16), pad_token_id=7, batch_visuals=Processor.batch_visuals)
+    processor = SimpleNamespace(spec=SimpleNamespace(image_size=16), pad_token_id=7,
+                                batch_visuals=Processor.batch_visuals)
     processor.dummy_item = lambda: Processor.dummy_item(processor)
     processor.collate = lambda items: Processor.collate(processor, items)
     processor.collator = lambda side="right": Processor.collator(processor, side)
