@@ -422,7 +422,8 @@ tokenizer = AutoTokenizer.from_pretrained(merged_dir)
 ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the red circle doing?"}],
                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
 merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-result = {"dtype": str(merged.dtype), "vocab": merged.config.vocab_size, "prompt_tokens": ids.shape[1]}
+vocab = merged.get_input_embeddings().weight.shape[0]  # a VLM's config has no top-level vocab_size
+result = {"dtype": str(merged.dtype), "vocab": vocab, "prompt_tokens": ids.shape[1]}
 with torch.no_grad():
     a = merged(ids).logits.float()
     out = merged.generate(ids, max_new_tokens=4, do_sample=False)

@@ -362,7 +362,9 @@ class RegionVLM(nn.Module):
         zero-valued scalar: with no mask in the batch, the region encoder still runs once on a
         whole-frame mask times zero, so it gets a gradient on every rank (DDP) and runs on every rank (ZeRO-3
         gathers its parameters collectively), as RefVLM's dummy path."""
-        masks, groups = batch["region_masks"], self._groups(batch, merged, patches)
+        # The one cast on the vision side: the VLM's dtype (bf16 at inference) -> the region encoder's weights'.
+        dtype = next((p.dtype for p in self.region.parameters()), merged.dtype)
+        masks, groups = batch["region_masks"], self._groups(batch, merged.to(dtype), patches.to(dtype))
         zero = merged.new_zeros(())
         if masks.shape[0] == 0:
             tokens, (rows, cols), cell = groups[0]
