@@ -227,15 +227,17 @@ class VLMProcessor(Processor):
                 "num_objects": num_objects}
 
     def dummy_item(self) -> dict:
-        """One black 28 x 28 image (a single merged token) with two unlearned pad tokens around its
-        placeholder: the stand-in for a micro-batch whose samples were all skipped (the trainer's dummy
-        batch), so every module still runs."""
+        """One black image at the checkpoint's smallest size (its grid, not a fixed one: ``min_pixels`` may
+        enlarge it) with no label token: the stand-in for a micro-batch whose samples were all skipped (the
+        trainer's dummy batch), so every module still runs."""
         side = self.pre.patch_size * self.pre.merge_size
-        pixels, grid = video_patches(np.zeros((1, side, side, 3), np.uint8), self.pre)
-        ids = [self.token_ids["vision_start"], self.token_ids["image"], self.token_ids["vision_end"]]
-        return {**super().dummy_item(), "input_ids": torch.tensor(ids), "labels": torch.full((3,), -100),
-                "pixel_values": pixels, "visual_grid_thw": torch.tensor(grid), "visual_is_video": False,
-                "second_per_grid_ts": 0.0, "region_masks": torch.zeros(0, side, side, dtype=torch.bool)}
+        pixels, (t, h, w) = video_patches(np.zeros((1, side, side, 3), np.uint8), self.pre)
+        count = t * h * w // self.pre.merge_size**2
+        ids = [self.token_ids["vision_start"], *([self.token_ids["image"]] * count), self.token_ids["vision_end"]]
+        return {**super().dummy_item(), "input_ids": torch.tensor(ids), "labels": torch.full((len(ids),), -100),
+                "pixel_values": pixels, "visual_grid_thw": torch.tensor((t, h, w)), "visual_is_video": False,
+                "second_per_grid_ts": 0.0,
+                "region_masks": torch.zeros(0, h * self.pre.patch_size, w * self.pre.patch_size, dtype=torch.bool)}
 
     @staticmethod
     def batch_visuals(kept: list[dict]) -> dict:

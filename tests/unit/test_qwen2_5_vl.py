@@ -582,3 +582,21 @@ def test_a_video_without_regions_equals_hf_s_own_video_processor(tiny, synthetic
         theirs = vlm(**{"mm_token_type_ids": q.token_types(out["input_ids"], vlm.config), **out}).logits
         ours = _region_model(tiny)(batch).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
+
+
+def test_the_dummy_batch_runs_every_trainable_module_with_zero_loss(tiny):
+    """The trainer's stand-in for an all-skipped micro-batch (VLMProcessor.dummy_item: one black image at the
+    checkpoint's smallest size, no label): loss exactly 0, yet the region encoder (no mask in it) and the LoRA
+    weights get a gradient, so DDP's all-reduce and DeepSpeed's micro-step count see this process."""
+    from refvllm.config import load_config
+
+    processor = _vlm_processor(tiny)
+    cfg = load_config(None, [f"model.vlm_path={tiny['path']}", "model.lora.r=4", "model.lora.alpha=8"])
+    model = q.build_region_vlm(cfg.model, float32_masters=True).train()
+    batch = processor.collate([processor.dummy_item()])
+    assert batch["batch_size"] == 1 and tuple(batch["visual_grid_thw"][0].tolist()) == (1, 4, 4)  # min_pixels 56^2
+    out = model(batch, loss_normalizer=1.0, logits_at="labels")
+    assert float(out.loss) == 0.0
+    out.loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for _, p in trainable), [n for n, p in trainable if p.grad is None]
