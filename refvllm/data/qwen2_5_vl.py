@@ -126,7 +126,7 @@ class VLMProcessor(Processor):
     ``encode(decoded)`` returns ``input_ids``, ``labels``, ``pixel_values`` [t*h*w, 1176], ``visual_grid_thw``
     long [3], ``visual_is_video`` bool, ``second_per_grid_ts`` float, ``region_masks`` bool [M, H', W'],
     ``region_frame_index``, ``region_object_index``, ``num_objects``, ``sample_index``, ``sample_id``;
-    :func:`collate_vlm` batches them for :class:`RegionVLM`.
+    :meth:`collate` (:meth:`batch_visuals`) batches them for ``RegionVLM``.
     """
 
     def __init__(self, tokenizer, layout: TokenLayout, pre: Preprocessor, token_ids: dict[str, int],

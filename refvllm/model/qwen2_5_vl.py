@@ -446,7 +446,7 @@ class RegionVLM(nn.Module):
         (the vision pass already ran)."""
         mask = batch["attention_mask"]
         if mask.shape[0] > 1 and bool((mask[:, -1] == 0).any()):
-            raise ModelInputError("generate needs a left-padded batch (collate_vlm(..., padding_side='left'))")
+            raise ModelInputError("generate needs a left-padded batch (processor.collate(items, padding_side='left'))")
         (embeds, _), ids = self.embed(batch, ablate_regions), self._text_ids(batch)
         base_vlm(self.vlm).model.rope_deltas = None  # no offsets left from an earlier prompt
         generation_kwargs.setdefault("use_cache", True)

@@ -133,7 +133,7 @@ def _region_model(tiny, max_tokens: int = 2, seed: int = 0):
 
 def _sample(tiny, frames: np.ndarray, fps: float, objects: list[list[tuple[int, torch.Tensor]]],
             question: str = f"What is {MARK} doing?") -> dict:
-    """One sample as a :func:`q.collate_vlm` item (what VLMProcessor.encode returns, built by hand here): ids
+    """One sample as a :func:`_collate` item (what VLMProcessor.encode returns, built by hand here): ids
     with the video run expanded and the region runs of ``objects`` (each a list of (frame, mask)) at the
     question's marks."""
     from refvllm.constants import REGION_TOKEN_ID
