@@ -45,8 +45,6 @@ SCHEDULER_FILE = "scheduler.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 EXPORT_MANIFEST = "export.json"
 TOKENIZER_DIR = "tokenizer"
-MERGED_DIR = "merged_llm"  # the assembled family's merged LLM
-MERGED_VLM_DIR = "merged_vlm"  # a pretrained VLM family's merged VLM
 _CKPT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 

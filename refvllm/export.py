@@ -32,8 +32,6 @@ from refvllm.checkpoint import (
     CONFIG_FILE,
     EXPORT_MANIFEST,
     EXTRA_FILE,
-    MERGED_DIR,
-    MERGED_VLM_DIR,
     TOKENIZER_DIR,
     check_loadable,
     load_config_of,
@@ -82,13 +80,13 @@ def _write_merged(checkpoint: Path, cfg: Config, out: Path) -> tuple[str, str]:
     """The model with the adapter merged, written by its family (``export_merged``: a plain HF directory with
     its tokenizer and processor files) in the training dtype ``model.dtype``; the merge itself runs in float32
     (one rounding at the end). Returns (manifest key, directory)."""
-    from refvllm.families import ASSEMBLED, family_of
+    from refvllm.families import family_of
     from refvllm.model.build import DTYPES
 
     family = family_of(cfg.model)
     _, model, processor = load_for_inference(checkpoint, ["model.dtype=float32"])
-    name, key = (MERGED_DIR, "merged_llm_dir") if family is ASSEMBLED else (MERGED_VLM_DIR, "merged_vlm_dir")
-    return key, family.hook("export_merged")(model, processor, str(out / name), DTYPES[cfg.model.dtype])
+    directory = family.hook("export_merged")(model, processor, str(out / family.merged_dir), DTYPES[cfg.model.dtype])
+    return f"{family.merged_dir}_dir", directory
 
 
 def _write_tokenizer(cfg: Config, out: Path) -> str:

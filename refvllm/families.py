@@ -11,9 +11,9 @@ data side never imports the model side and a family's heavy imports stay out of 
 | ``write_tiny`` | ``(model_cfg) -> None`` | tiny offline checkpoints at the configured paths (``model.tiny``) |
 | ``export_merged`` | ``(model, processor, out_dir, dtype) -> str`` | the adapter merged into a plain HF directory |
 
-``paths`` are the model-config keys that name the family's checkpoints (made absolute in an export);
-``adapter_base`` is the key of the checkpoint its PEFT adapter applies to. The model a family builds has the
-batch contract of its processor (``forward(batch, loss_normalizer, ablate_regions, logits_at)``,
+``merged_dir`` is the export folder ``export_merged`` writes; ``paths`` are the model-config keys that name the
+family's checkpoints (made absolute in an export); ``adapter_base`` is the key of the checkpoint its PEFT
+adapter applies to. The model a family builds has the batch contract of its processor (``forward(batch, loss_normalizer, ablate_regions, logits_at)``,
 ``generate(batch, ablate_regions, **kwargs)``), the roles ``vision``/``projector``/``region``/``llm`` (modules
 or parameter views), ``FRESH_ROLES`` (roles that start random: saved whole) and ``adapter_model`` (the
 PeftModel or None): what training, checkpoints, export, eval and infer use, whatever the family.
@@ -41,6 +41,7 @@ class Family:
     model_types: tuple[str, ...]  # config.json model_type values of the checkpoints it loads (vlm_path)
     paths: tuple[str, ...]  # model config keys naming its checkpoints
     adapter_base: str  # the key of the checkpoint the PEFT adapter applies to
+    merged_dir: str  # the export folder export_merged writes (its manifest key: merged_dir + "_dir")
     processor: str
     build: str
     write_tiny: str
@@ -55,12 +56,12 @@ class Family:
         return obj
 
 
-ASSEMBLED = Family("assembled", (), ("vision_path", "llm_path"), "llm_path",
+ASSEMBLED = Family("assembled", (), ("vision_path", "llm_path"), "llm_path", "merged_llm",
                    processor="refvllm.data.processor:Processor.from_config",
                    build="refvllm.model.build:build_assembled",
                    write_tiny="refvllm.model.tiny:write_tiny_assembled",
                    export_merged="refvllm.model.build:export_merged_llm")
-QWEN2_5_VL = Family("qwen2_5_vl", ("qwen2_5_vl",), ("vlm_path",), "vlm_path",
+QWEN2_5_VL = Family("qwen2_5_vl", ("qwen2_5_vl",), ("vlm_path",), "vlm_path", "merged_vlm",
                     processor="refvllm.data.qwen2_5_vl:VLMProcessor.from_config",
                     build="refvllm.model.qwen2_5_vl:build_region_vlm",
                     write_tiny="refvllm.model.tiny:write_tiny_vlm_at",
