@@ -12,11 +12,12 @@ data side never imports the model side and a family's heavy imports stay out of 
 | ``export_merged`` | ``(model, processor, out_dir, dtype) -> str`` | the adapter merged into a plain HF directory |
 
 ``merged_dir`` is the export folder ``export_merged`` writes; ``paths`` are the model-config keys that name the
-family's checkpoints (made absolute in an export); ``adapter_base`` is the key of the checkpoint its PEFT
-adapter applies to. The model a family builds has the batch contract of its processor (``forward(batch, loss_normalizer, ablate_regions, logits_at)``,
-``generate(batch, ablate_regions, **kwargs)``), the roles ``vision``/``projector``/``region``/``llm`` (modules
-or parameter views), ``FRESH_ROLES`` (roles that start random: saved whole) and ``adapter_model`` (the
-PeftModel or None): what training, checkpoints, export, eval and infer use, whatever the family.
+family's checkpoints (made absolute in an export); ``adapter_base`` is the key of the checkpoint its PEFT adapter
+applies to. The model a family builds has the batch contract of its processor (``forward(batch, loss_normalizer,
+ablate_regions, logits_at)``, ``generate(batch, ablate_regions, **kwargs)``), the roles
+``vision``/``projector``/``region``/``llm`` (modules or parameter views), ``FRESH_ROLES`` (roles that start random:
+saved whole) and ``adapter_model`` (the PeftModel or None): what training, checkpoints, export, eval and infer use,
+whatever the family.
 
 Adding a family (``qwen3_vl``, ``llava_onevision``): a data module (its processor), a model module (its model,
 builder, tiny checkpoint, merged export) and one entry in ``FAMILIES``; docs/architecture.md, "Model families".
