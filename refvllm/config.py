@@ -121,7 +121,7 @@ class ModelConfig:
     vision_lora: LoraConfig = field(
         default_factory=lambda: LoraConfig(r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
     )
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2
     dtype: str = "float32"  # float32 | bfloat16 (weights and compute of the frozen parts)
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -132,6 +132,9 @@ class TrainConfig:
     output_dir: str = "runs/sft"
     max_steps: int = 1000
     micro_batch_size: int = 1  # per process
+    # The LLM runs each micro-batch's samples end to end in one row, each attending only to itself
+    # (refvllm.model.packing): no compute on padding, the same loss and gradients. false = padded rows.
+    packing: bool = True
     grad_accum: int = 1
     lr: float = 2e-4  # LLM (LoRA) learning rate
     projector_lr: float = 1e-3
@@ -182,7 +185,7 @@ _CHOICES = {
     "model.train_projector": ("auto", "full", "frozen"),
     "model.train_region": ("full", "frozen"),
     "model.train_llm": ("lora", "full", "frozen"),
-    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "model.attn_implementation": ("sdpa", "eager", "flex_attention", "flash_attention_2"),
     "model.dtype": ("float32", "bfloat16"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
 }

@@ -56,7 +56,9 @@ def build_assembled(m: ModelConfig, float32_masters: bool = False) -> RefVLM:
     dtype = DTYPES[m.dtype]
     spec = load_visual_spec(m)  # also the clear error for a vision_path that is neither here nor on the hub
     layout = make_token_layout(m, spec)
-    vision = VisionTower.from_pretrained(m.vision_path, m.vision_feature_layer, m.attn_implementation, dtype,
+    # flex_attention is for the LLM's packed rows (refvllm.model.packing); an unpadded vision tower needs no mask.
+    vision_attn = "sdpa" if m.attn_implementation == "flex_attention" else m.attn_implementation
+    vision = VisionTower.from_pretrained(m.vision_path, m.vision_feature_layer, vision_attn, dtype,
                                          m.trust_remote_code, revision=config_revision(m, "vision"))
     if vision.grid != layout.grid:
         raise ConfigError(f"model.vision_path: the tower's patch grid is {vision.grid}x{vision.grid} but "

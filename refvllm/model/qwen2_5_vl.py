@@ -45,7 +45,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from refvllm.constants import REGION_TOKEN_ID
 from refvllm.data.qwen2_5_vl import PREPROCESSOR
 from refvllm.errors import ConfigError, ModelInputError
-from refvllm.model.refvlm import drop_regions, label_positions, next_token_loss
+from refvllm.model.packing import causal_lm_pass
+from refvllm.model.refvlm import drop_regions
 from refvllm.model.shapes import QWEN2_5_GENERATION
 
 MODEL_TYPE = "qwen2_5_vl"
@@ -428,15 +429,13 @@ class RegionVLM(nn.Module):
         return position_ids(self.vlm, self._text_ids(batch), batch["attention_mask"], **self._rope_inputs(batch))
 
     def forward(self, batch: dict, loss_normalizer: float | None = None, ablate_regions: bool = False,
-                logits_at: str = "all") -> CausalLMOutputWithPast:
-        """Logits, and the next-token loss when ``labels`` are in the batch (as ``RefVLM.forward``)."""
+                logits_at: str = "all", pack: bool = False) -> CausalLMOutputWithPast:
+        """Logits, and the next-token loss when ``labels`` are in the batch (as ``RefVLM.forward``; packed,
+        each sample keeps the mRoPE positions the model's own index computation gives it alone)."""
         (embeds, dummy), positions = self.embed(batch, ablate_regions), self.positions(batch)
-        labels = batch.get("labels")
-        keep = label_positions(labels, logits_at, embeds.device)
-        out = self.vlm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=positions,
-                       use_cache=False, **({} if keep is None else {"logits_to_keep": keep}))
-        loss = None if labels is None else next_token_loss(out.logits, labels, keep, loss_normalizer) + dummy
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits)
+        loss, logits = causal_lm_pass(self.vlm, embeds, batch["attention_mask"], batch.get("labels"), logits_at,
+                                      loss_normalizer, pack, positions)
+        return CausalLMOutputWithPast(loss=None if loss is None else loss + dummy, logits=logits)
 
     @torch.no_grad()
     def generate(self, batch: dict, ablate_regions: bool = False, **generation_kwargs) -> torch.Tensor:

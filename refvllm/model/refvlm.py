@@ -17,13 +17,13 @@ placeholder counts are checked against the feature rows it gets; a mismatch rais
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from refvllm.constants import IGNORE_INDEX, REGION_TOKEN_ID, VISUAL_TOKEN_ID
 from refvllm.errors import ModelInputError
 from refvllm.layout import TokenLayout
+from refvllm.model.packing import causal_lm_pass
 from refvllm.model.region import RegionEncoder
 from refvllm.model.vision import Projector, VisionTower
 
@@ -194,7 +194,7 @@ class RefVLM(nn.Module):
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, batch: dict, loss_normalizer: float | None = None, ablate_regions: bool = False,
-                logits_at: str = "all") -> CausalLMOutputWithPast:
+                logits_at: str = "all", pack: bool = False) -> CausalLMOutputWithPast:
         """The next-token loss when ``labels`` are in the batch (summed over label tokens and divided by
         ``loss_normalizer`` when given, else their mean), and logits.
 
@@ -204,14 +204,14 @@ class RefVLM(nn.Module):
         tensor), through the LLM's own ``logits_to_keep``, so a LoRA on the head stays in the path. The loss
         and its gradients are those of ``"all"`` (test_model); the memory is not: 3.5k positions x 151,936
         vocabulary entries in float32 are 2 GB, the ~60 label positions of a referring answer 36 MB.
+
+        ``pack`` (the trainer's, ``train.packing``): the LLM runs the samples end to end in one row, each
+        attending only to itself (:mod:`refvllm.model.packing`): the same loss and gradients without padding.
         """
         embeds, dummy = self.embed(batch, ablate_regions)
-        labels = batch.get("labels")
-        keep = label_positions(labels, logits_at, embeds.device)
-        llm_kwargs = {} if keep is None else {"logits_to_keep": keep}
-        out = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False, **llm_kwargs)
-        loss = None if labels is None else next_token_loss(out.logits, labels, keep, loss_normalizer) + dummy
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits)
+        loss, logits = causal_lm_pass(self.llm, embeds, batch["attention_mask"], batch.get("labels"), logits_at,
+                                      loss_normalizer, pack)
+        return CausalLMOutputWithPast(loss=None if loss is None else loss + dummy, logits=logits)
 
     @torch.no_grad()
     def generate(self, batch: dict, ablate_regions: bool = False, **generation_kwargs) -> torch.Tensor:
@@ -233,32 +233,6 @@ def drop_regions(region: torch.Tensor, is_region: torch.Tensor, p: float) -> tor
     sample_of_row = is_region.nonzero()[:, 0]
     keep = torch.rand(is_region.shape[0], device=region.device) >= p
     return region * keep[sample_of_row, None].to(region.dtype)
-
-
-def label_positions(labels: torch.Tensor | None, logits_at: str, device: torch.device) -> torch.Tensor | None:
-    """The positions whose logits the loss needs (``logits_at="labels"``): every p where some row's label at
-    p + 1 is set, for the LLM's ``logits_to_keep``; None for ``"all"`` or without labels."""
-    if logits_at not in ("all", "labels"):
-        raise ValueError(f"logits_at must be 'all' or 'labels', got {logits_at!r}")
-    if labels is None or logits_at == "all":
-        return None
-    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().flatten().to(device)
-
-
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None,
-                    loss_normalizer: float | None) -> torch.Tensor:
-    """Summed next-token cross-entropy (float32) over the label tokens, divided by ``loss_normalizer`` when
-    given, else by their count. ``logits`` [B, L, V] at every position (``keep`` None) or [B, K, V] at the
-    positions ``keep`` of :func:`label_positions`."""
-    targets = labels[:, 1:].to(logits.device)
-    if keep is None:
-        logits = logits[:, :-1]
-    else:
-        targets = targets[:, keep]
-    token_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                 reduction="sum")
-    denom = loss_normalizer if loss_normalizer is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
-    return token_loss / denom
 
 
 def _trains(module: nn.Module) -> bool:

@@ -30,6 +30,9 @@ def make_accelerator(cfg: Config):
     cuda = torch.cuda.is_available()
     if cfg.train.mixed_precision == "fp16" and not cuda:
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
+    if cfg.model.attn_implementation == "flex_attention" and not cuda:
+        raise ConfigError("model.attn_implementation=flex_attention trains on CUDA only (torch has no CPU backward "
+                          "for it); use sdpa on CPU (packing keeps samples apart with an exact mask there)")
     # cpu=True is what makes CPU processes join one gloo group, but it also turns DeepSpeed off; a DeepSpeed
     # launch on CPU (DeepSpeed's CPU accelerator, e.g. to test ZeRO without GPUs) must keep it off.
     deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"

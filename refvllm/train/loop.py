@@ -266,7 +266,8 @@ def train_step(run: Run, micro: list[dict]) -> StepResult:
     for batch in micro:
         inputs = batch if batch["batch_size"] > 0 else run.dummy_batch
         with acc.accumulate(model):
-            out = model(to_device(inputs, acc.device), loss_normalizer=normalizer, logits_at="labels")
+            out = model(to_device(inputs, acc.device), loss_normalizer=normalizer, logits_at="labels",
+                        pack=run.cfg.train.packing)
             acc.backward(out.loss * scale)
             loss_sum += out.loss.detach().double().cpu()
             if acc.sync_gradients:
