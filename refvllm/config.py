@@ -83,7 +83,8 @@ class RegionConfig:
     merge: str = "merge"  # merge (adjacent-similarity) | uniform (equal bins) | none (one token per mask frame)
     geometry: bool = False  # add a learned embedding of mask centroid, box and displacement since the first frame
     # What a pretrained VLM's regions pool: merged (its merged tokens) | encoder (its encoder's patch features,
-    # before the merger); auto = the family's choice (merged). The assembled family pools its tower's patches.
+    # before the merger) | both (each patch beside its merged token); auto = the family's choice (both). The
+    # assembled family pools its tower's patches.
     features: str = "auto"
     hidden_size: int = 0  # MLP hidden width; 0 = the LLM's hidden size
     # Training only: the probability that a sample's region tokens are replaced by zeros (the input
@@ -180,7 +181,7 @@ _CHOICES = {
     "data.mask_resize": ("rescale", "error"),
     "model.region.pooling": ("area", "binary"),
     "model.region.merge": ("merge", "uniform", "none"),
-    "model.region.features": ("auto", "merged", "encoder"),
+    "model.region.features": ("auto", "merged", "encoder", "both"),
     "model.train_vision": ("frozen", "lora", "full"),
     "model.train_projector": ("auto", "full", "frozen"),
     "model.train_region": ("full", "frozen"),

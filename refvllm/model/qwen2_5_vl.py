@@ -17,12 +17,12 @@ version is installed; the pieces used exist with the same signatures in 5.17 and
     RegionVLM(vlm, region_encoder, pad_token_id)   # the VLM + the region pathway (batch contract: its docstring)
     language_model_lora(vlm, lora)       # LoRA on the language model's linear layers only (a PeftModel)
 
-Regions are pooled from the merged tokens (after the merger, in the LLM's width): every merged token is one
-28 x 28 pixel cell of one token frame (2 frames), so a mask of frame f pools token frame f // 2 on that grid,
-with the area weights, temporal merge and count checks of the assembled family (:mod:`refvllm.model.region`).
-Pooling before the merger (1280-wide, 14 px cells) is the alternative still to measure; the merged tokens are
-what the model's own forward returns in order, in every transformers version (the encoder's own patch
-features come out in its window-attention order).
+Regions pool one token frame's features (2 frames per token frame, so a mask of frame f pools token frame
+f // 2), with the area weights, temporal merge and count checks of the assembled family
+(:mod:`refvllm.model.region`); ``model.region.features`` says which: ``merged`` (the merged tokens, in the LLM's
+width, one per 28 x 28 pixel cell), ``encoder`` (the encoder's patch features before the merger, one per
+14 x 14 cell, back in pixel order from the encoder's window order) or ``both`` (each patch beside its merged
+token; the default, measured best on the synthetic data: docs/model.md, "The tiny VLM demo").
 
 Temporal patches: Qwen2.5-VL joins ``temporal_patch_size`` (2) consecutive frames into one patch, so a video of
 T frames has T/2 token frames; an odd T repeats its last frame (as the HF video processor does). The time
@@ -52,7 +52,7 @@ from refvllm.model.shapes import QWEN2_5_GENERATION
 MODEL_TYPE = "qwen2_5_vl"
 # What regions pool: the merged tokens (after the merger, the LLM's width, 28-px cells) or the encoder's own
 # patch features (the merger's input, the encoder's width, 14-px cells). model.region.features; docs/model.md.
-REGION_FEATURES = ("merged", "encoder")
+REGION_FEATURES = ("merged", "encoder", "both")
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2  # mm_token_type_ids values (transformers' convention)
 
@@ -343,17 +343,25 @@ class RegionVLM(nn.Module):
         """The features regions pool, one group per visual: (tokens [t, rows * cols, D], (rows, cols), pixels per
         cell side). ``merged`` (region_features "merged"): the merged tokens [sum_v t*h*w/m^2, D_llm] on the
         (h/m, w/m) grid of 28-px cells; else the encoder's patches [sum_v t*h*w, D_v] (pixel order (t, h/m,
-        w/m, m, m)) on the (h, w) grid of 14-px cells."""
+        w/m, m, m)) on the (h, w) grid of 14-px cells, for "both" each beside its merged token ([.., D_v +
+        D_llm])."""
         vision = self.config.vision_config
         m, p = vision.spatial_merge_size, vision.patch_size
         grids = batch["visual_grid_thw"].tolist()
+        merged_parts = merged.split([t * h * w // (m * m) for t, h, w in grids])
         if self.region_features == "merged":
             return [(tokens.reshape(t, (h // m) * (w // m), -1), (h // m, w // m), p * m)
-                    for tokens, (t, h, w) in zip(merged.split([t * h * w // (m * m) for t, h, w in grids]), grids,
-                                                 strict=True)]
+                    for tokens, (t, h, w) in zip(merged_parts, grids, strict=True)]
         groups = []
-        for tokens, (t, h, w) in zip(patches.split([t * h * w for t, h, w in grids]), grids, strict=True):
+        for tokens, merged_tokens, (t, h, w) in zip(patches.split([t * h * w for t, h, w in grids]), merged_parts,
+                                                   grids, strict=True):
             grid = tokens.reshape(t, h // m, w // m, m, m, -1).permute(0, 1, 3, 2, 4, 5)  # (t, h/m, m, w/m, m)
+            grid = grid.reshape(t, h, w, -1)
+            if self.region_features == "both":
+                # Each merged token over its m x m patches: area pooling on the patch grid then pools it exactly
+                # as on its own grid (the weights of a token's patches add up to its cell's weight).
+                cell = merged_tokens.reshape(t, h // m, w // m, -1)
+                grid = torch.cat([grid, cell.repeat_interleave(m, 1).repeat_interleave(m, 2)], dim=-1)
             groups.append((grid.reshape(t, h * w, -1), (h, w), p))
         return groups
 
@@ -517,9 +525,10 @@ def build_region_vlm(model, float32_masters: bool = False) -> RegionVLM:
             if n in trainable:
                 p.requires_grad_(True)
     width, vision = vlm.config.text_config.hidden_size, vlm.config.vision_config
-    features = "merged" if model.region.features == "auto" else model.region.features
+    # auto: both levels, the measured best on the synthetic data (docs/model.md, "The tiny VLM demo").
+    features = "both" if model.region.features == "auto" else model.region.features
     source, patch = ((width, vision.patch_size * vision.spatial_merge_size) if features == "merged" else
-                     (vision.hidden_size, vision.patch_size))
+                     (vision.hidden_size + (width if features == "both" else 0), vision.patch_size))
     region = RegionEncoder(source, width, model.region.hidden_size or width, region_layout(model), patch,
                            model.region.pooling, model.region.geometry)
     region.requires_grad_(model.train_region == "full")

@@ -241,12 +241,11 @@ class RegionEncoder(nn.Module):
             raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
         self.layout, self.patch_size, self.pooling = layout, patch_size, pooling
         self.mlp = mlp(vision_dim, hidden, llm_dim)
-        # Optional: where the mask lies (centroid and box on the patch grid), embedded and added to the pooled
-        # feature. Zero-initialised, so training starts exactly at plain mask pooling.
+        # Optional: where the mask lies (centroid and box on the patch grid, displacement since the object's first
+        # mask frame), embedded and added to the pooled feature. PyTorch's default init, not zeros: zero-initialised
+        # it stayed near zero next to features of large scale, and the questions that need it (motion, left of)
+        # stayed at chance (the tiny VLM's encoder features, docs/model.md "The tiny VLM demo").
         self.geometry = nn.Linear(GEOMETRY_DIM, vision_dim) if geometry else None
-        if self.geometry is not None:
-            nn.init.zeros_(self.geometry.weight)
-            nn.init.zeros_(self.geometry.bias)
 
     def pool(self, features: torch.Tensor, region_masks: torch.Tensor, region_frame_index: torch.Tensor,
              region_object_index: torch.Tensor | None = None, num_objects: int = 0) -> torch.Tensor:

@@ -171,7 +171,7 @@ def test_retired_eval_file_is_not_a_key_but_old_checkpoint_configs_load(tmp_path
     (["model.vlm_path=v", "model.min_pixels=1000", "model.max_pixels=10"], "must be <= model.max_pixels"),
     (["model.max_pixels=200704"], "'model.max_pixels' applies to a pretrained VLM"),
     (["model.region.features=encoder"], "'model.region.features' applies to a pretrained VLM"),
-    (["model.vlm_path=v", "model.region.features=pixels"], "one of auto, merged, encoder"),
+    (["model.vlm_path=v", "model.region.features=pixels"], "one of auto, merged, encoder, both"),
     (["data.default_fps=-1"], ">= 0"),
 ])
 def test_model_source_rules(overrides, message):

@@ -244,6 +244,15 @@ def test_the_encoder_patches_come_back_in_pixel_order_and_regions_can_pool_them(
     unit = patches.reshape(2, 2, 4, 2, 2, -1)  # (token frame, hb, wb, mi, mj): frame 2 is token frame 1
     assert pooled.shape[0] == 1
     torch.testing.assert_close(pooled[0], unit[1, 0, 2, 1, 1])
+    # "both": each patch beside its merged token; the same mask pools that patch and merge unit (0, 2)'s token.
+    text_width = vlm.config.text_config.hidden_size
+    region = RegionEncoder(width + text_width, width, width, layout, patch_size=14)
+    region.mlp = torch.nn.Identity()
+    model = q.RegionVLM(vlm, region, tiny["tokenizer"].pad_token_id, region_features="both").eval()
+    with torch.no_grad():
+        pooled, _ = model._regions(batch, merged, patches)
+    token = merged.reshape(2, 2, 4, -1)[1, 0, 2]
+    torch.testing.assert_close(pooled[0], torch.cat([unit[1, 0, 2, 1, 1], token]))
 
 
 def test_region_vlm_trains_the_region_encoder_and_changes_the_answer(tiny):

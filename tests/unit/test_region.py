@@ -281,21 +281,26 @@ def test_mask_geometry_centroid_and_box():
     assert torch.allclose(geo, torch.tensor([3.0 / 4, 1.5 / 4, 2.5 / 4, 1.5 / 4, 3.5 / 4, 1.5 / 4]))
 
 
-def test_geometry_starts_at_plain_pooling_and_learns_position():
+def test_geometry_tells_apart_identical_features_from_the_start():
+    """Geometry is added to the pooled features through a linear layer at PyTorch's default init (not zeros):
+    from the first step, two masks on identical features give different tokens; the layer's input is exactly
+    the masks' region_geometry."""
     layout = TokenLayout(4, 1, 1, 4, "none")
     plain = RegionEncoder(8, 16, 16, layout, 8)
     geo = RegionEncoder(8, 16, 16, layout, 8, geometry=True)
     geo.mlp.load_state_dict(plain.mlp.state_dict())
-    feats = torch.randn(1, 16, 8)
+    assert geo.geometry.weight.abs().sum() > 0
     masks = torch.zeros(2, 32, 32, dtype=torch.bool)
     masks[0, :8, :8] = True  # top-left patch
     masks[1, :8, 24:] = True  # top-right patch
     index = (torch.tensor([0, 0]), torch.tensor([0, 1]), 2)
-    assert torch.equal(plain(feats, masks, *index), geo(feats, masks, *index))  # zero init: identical at start
-    geo.geometry.weight.data.normal_()
     same_feats = torch.ones(1, 16, 8)  # identical features everywhere: only geometry can tell them apart
+    assert torch.allclose(*plain(same_feats, masks, *index))
     out = geo(same_feats, masks, *index)
     assert not torch.allclose(out[0], out[1])
+    weights = mask_patch_weights(masks, 4, 8)
+    expected = plain.mlp(1.0 + geo.geometry(region_geometry(weights, 4, index[0], index[1], 2)))
+    torch.testing.assert_close(out, expected)
 
 
 def test_region_geometry_adds_displacement_from_first_frame():
