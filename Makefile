@@ -40,8 +40,10 @@ demo-data: $(STAMP)
 	$(BIN)/refvllm validate $(DEMO_DIR)/data/train.json --data-root $(DEMO_DIR)/data --report $(DEMO_DIR)/data/validate.jsonl
 	$(BIN)/refvllm show $(DEMO_DIR)/data/train.json --data-root $(DEMO_DIR)/data --index 0 --out $(DEMO_DIR)/sample.png
 
+# accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise: the one training process gets every core.
 train: $(STAMP)
-	$(BIN)/accelerate launch --num_processes 1 scripts/train.py --config $(DEMO_CONFIG)
+	$(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_process $$(nproc) scripts/train.py \
+		--config $(DEMO_CONFIG)
 
 # Evaluates the newest demo checkpoint on the eval split and on a fresh split generated with another seed, each
 # as is and with the region tokens zeroed (--ablate-regions). 120 questions per type: a region-blind guesser

@@ -44,6 +44,7 @@ def test_sft_recipe():
     assert cfg.data.num_frames == 16 and cfg.model.gradient_checkpointing
     assert cfg.train.mixed_precision == "bf16" and cfg.model.dtype == "bfloat16"
     assert not cfg.model.tiny and not cfg.data.synth.enabled
+    assert cfg.train.packing and cfg.train.micro_batch_size > 1  # packing has samples to lay end to end
     assert "accelerate launch --config_file configs/accelerate/ddp.yaml" in _header(ROOT / "configs" / "sft.yaml")
 
 
