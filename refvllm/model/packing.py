@@ -42,10 +42,9 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Packing:
     """The packed layout of a right-padded batch (module docstring). ``index`` [N]: flat positions (row-major in
-    [B, L]) of the real tokens; ``lengths`` [B]; ``sample`` [N]: the sample of each packed token."""
+    [B, L]) of the real tokens; ``sample`` [N]: the sample of each packed token."""
 
     index: torch.Tensor
-    lengths: torch.Tensor
     sample: torch.Tensor
     position_ids: torch.Tensor
     shape: tuple[int, int]
@@ -61,7 +60,7 @@ class Packing:
         index = mask.flatten().nonzero().flatten()
         sample = torch.repeat_interleave(torch.arange(mask.shape[0], device=mask.device), lengths)
         position_ids = (index % mask.shape[1])[None]  # right padding: the column is the position in the sample
-        return cls(index, lengths, sample, position_ids, (mask.shape[0], mask.shape[1]))
+        return cls(index, sample, position_ids, (mask.shape[0], mask.shape[1]))
 
     @property
     def num_tokens(self) -> int:

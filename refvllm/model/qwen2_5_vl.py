@@ -50,8 +50,9 @@ from refvllm.model.refvlm import drop_regions
 from refvllm.model.shapes import QWEN2_5_GENERATION
 
 MODEL_TYPE = "qwen2_5_vl"
-# What regions pool: the merged tokens (after the merger, the LLM's width, 28-px cells) or the encoder's own
-# patch features (the merger's input, the encoder's width, 14-px cells). model.region.features; docs/model.md.
+# What regions pool: the merged tokens (after the merger, the LLM's width, 28-px cells), the encoder's own
+# patch features (the merger's input, the encoder's width, 14-px cells), or both side by side on the 14-px grid.
+# model.region.features; docs/model.md.
 REGION_FEATURES = ("merged", "encoder", "both")
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2  # mm_token_type_ids values (transformers' convention)
