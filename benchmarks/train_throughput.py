@@ -15,6 +15,8 @@ Cases, each in a fresh process (its own peak memory), each timing the same globa
     padded   refvllm's step (refvllm.train.loop.train_step, configs/sft.yaml with the same LoRA), text-only
              samples of the same tokens, padded micro-batches (train.packing=false), logits at label positions
     refvllm  the same, packed (the default)
+    budget   the same, packed, micro-batches cut by the token budget (train.max_tokens = 2 x the longest
+             sequence, at most all sequences each; refvllm.data.dataset.budget_cuts, the sampler's own rule)
     vlm      the same step on referring samples: 16 frames (4 on cpu) through the frozen vision tower, the
              projector and the region encoder (2 objects), the rest text; each as long as the text sample or,
              where the visual tokens do not fit in that, visual + region tokens + 64 text tokens
@@ -47,7 +49,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("peer", "padded", "refvllm", "vlm")
+CASES = ("peer", "padded", "refvllm", "budget", "vlm")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -137,10 +139,25 @@ def referring_items(p: Preset, layout, size: int) -> list[dict]:
     return items
 
 
-def micro_batches(items: list[dict], size: int, pad: int) -> list[dict]:
-    from refvllm.data.collate import collate
+def micro_batches(items: list[dict], size: int, pad: int, max_tokens: int = 0) -> list[dict]:
+    """Collated micro-batches of ``size`` items in order, or (``max_tokens`` > 0) the sampler's token-budget
+    cuts of at most ``size`` items."""
+    import numpy as np
 
-    return [collate(items[i:i + size], pad) for i in range(0, len(items), size)]
+    from refvllm.data.collate import collate
+    from refvllm.data.dataset import budget_cuts
+
+    if max_tokens:
+        starts = budget_cuts(np.array([len(it["input_ids"]) for it in items]), size, max_tokens).tolist()
+    else:
+        starts = [*range(0, len(items), size), len(items)]
+    return [collate(items[a:b], pad) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def budget(p: Preset) -> int:
+    """The budget case's ``train.max_tokens``: twice the longest sequence (a bound on every micro-batch's
+    tokens that the fixed micro-batches of 4 exceed when long sequences meet)."""
+    return 2 * p.max_len
 
 
 # --------------------------------------------------------------------------------------------------- cases
@@ -218,13 +235,15 @@ def refvllm_run(p: Preset, vision: str, llm: str, packing: bool):
     return run
 
 
-def run_refvllm(p: Preset, vision: str, llm: str, device: str, referring: bool, packing: bool = True) -> dict:
+def run_refvllm(p: Preset, vision: str, llm: str, device: str, referring: bool, packing: bool = True,
+                max_tokens: int = 0) -> dict:
     from refvllm.train import loop
 
     run = refvllm_run(p, vision, llm, packing)
     pad = run.raw.pad_token_id
     items = referring_items(p, run.raw.layout, 384) if referring else text_items(p)
-    batches = micro_batches(items, p.micro_batch, pad)
+    batches = (micro_batches(items, p.num_sequences, pad, max_tokens) if max_tokens
+               else micro_batches(items, p.micro_batch, pad))
     with torch.no_grad():  # packed == padded on the micro-batch with the most padding, before any update
         most = max(batches, key=lambda b: int((b["attention_mask"] == 0).sum()))
         first = loop.to_device(most, run.accelerator.device)
@@ -245,7 +264,7 @@ def batch_figures(batches: list[dict]) -> dict:
 
     lens = [int(n) for b in batches for n in b["attention_mask"].sum(1)]
     return {"lengths": lens, "label_tokens": sum(count_label_tokens(b["labels"]) for b in batches),
-            "padded_positions": sum(b["attention_mask"].numel() for b in batches)}
+            "padded_positions": sum(b["attention_mask"].numel() for b in batches), "micro_batches": len(batches)}
 
 
 def model_flops(llm_path: str, seq_lengths: list[int], label_tokens: int) -> float:
@@ -287,7 +306,8 @@ def child(case: str, preset: str, vision: str, llm: str) -> None:
     if case == "peer":
         result = run_peer(p, llm, device)
     else:
-        result = run_refvllm(p, vision, llm, device, case == "vlm", packing=case != "padded")
+        result = run_refvllm(p, vision, llm, device, case == "vlm", packing=case != "padded",
+                             max_tokens=budget(p) if case == "budget" else 0)
     result["peak_mem_gb"] = round(peak_memory_gb(device), 2)
     print(json.dumps(result))
 
@@ -345,6 +365,8 @@ def main() -> None:
         "ratio": round(rows["refvllm"]["tokens_per_s"] / rows["peer"]["tokens_per_s"], 2),
         "padded_tokens_per_s": round(rows["padded"]["tokens_per_s"], 1),
         "packing_gain": round(rows["refvllm"]["tokens_per_s"] / rows["padded"]["tokens_per_s"], 2),
+        "budget_tokens_per_s": round(rows["budget"]["tokens_per_s"], 1),
+        "budget_micro_batches": rows["budget"]["micro_batches"],
         "vlm_tokens_per_s": round(rows["vlm"]["tokens_per_s"], 1),
         "vlm_vs_llm": round(rows["vlm"]["tokens_per_s"] / rows["refvllm"]["tokens_per_s"], 2),
         "mfu": round(rows["refvllm"]["mfu"], 4), "peer_mfu": round(rows["peer"]["mfu"], 4),

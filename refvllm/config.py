@@ -136,6 +136,10 @@ class TrainConfig:
     # The LLM runs each micro-batch's samples end to end in one row, each attending only to itself
     # (refvllm.model.packing): no compute on padding, the same loss and gradients. false = padded rows.
     packing: bool = True
+    # Token budget per micro-batch (0 = off): micro-batches of consecutive samples whose estimated lengths
+    # (refvllm.data.lengths) sum to at most this, at most micro_batch_size samples each. Pairs with packing.
+    max_tokens: int = 0
+    group_by_length: bool = False  # sort samples by length within windows (for padded micro-batches)
     grad_accum: int = 1
     lr: float = 2e-4  # LLM (LoRA) learning rate
     projector_lr: float = 1e-3
@@ -407,6 +411,7 @@ _RULES: list[tuple[str, _Allowed]] = [
     ("train.output_dir", _NON_EMPTY),  # empty would write checkpoints into the working directory
     ("train.max_steps", _at_least(1)),  # a run of 0 steps trains nothing and writes no checkpoint
     ("train.micro_batch_size", _at_least(1)),
+    ("train.max_tokens", _at_least(0)),
     ("train.grad_accum", _at_least(1)),
     # A module that trains needs a rate > 0; a frozen one should say so with model.train_*, not with lr 0.
     ("train.lr", _above(0)),
@@ -488,6 +493,9 @@ def _check_cross_field(cfg: Config) -> None:
     if m.attn_implementation == "flash_attention_2" and m.dtype != "bfloat16":
         raise ConfigError(f"config key 'model.dtype' must be bfloat16 with model.attn_implementation="
                           f"flash_attention_2 (its kernels run in half precision only; or use sdpa); got {m.dtype!r}")
+    if t.max_tokens and t.micro_batch_size == 1:  # the budget fills micro-batches of up to micro_batch_size
+        raise ConfigError("config key 'train.micro_batch_size' must be > 1 with train.max_tokens (it is the most "
+                          "samples a token-budget micro-batch takes); got 1")
     _check_model_source(cfg)
     if d.synth.enabled:  # the data is written to out_dir and then read as train_file (its train.json)
         for key in ("data.synth.out_dir", "data.train_file"):

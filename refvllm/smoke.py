@@ -279,7 +279,8 @@ def stage_data(s: Smoke) -> str:
 
 def _train_overrides(s: Smoke, max_steps: int, resume: str) -> dict:
     return {"train__output_dir": str(s.out / "train"), "train__max_steps": max_steps, "train__save_steps": max_steps,
-            "train__save_total_limit": 0, "train__micro_batch_size": 1, "train__grad_accum": 1,
+            "train__save_total_limit": 0, "train__micro_batch_size": 1, "train__max_tokens": 0,
+            "train__grad_accum": 1,
             "train__warmup_steps": 0, "train__tensorboard": "false", "train__resume": resume}
 
 

@@ -24,6 +24,7 @@ media.py, limits.py). KeyboardInterrupt and SystemExit are not caught.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -154,39 +155,81 @@ class ResumableSampler:
     ``position + k * world``; ``load_state_dict`` restores it (it must be a multiple of ``world``, which holds
     whenever every rank consumed the same number of micro-batches). Prefetching workers may run ahead of the
     trainer; only ``consumed`` counts.
+
+    **Token budget** (``max_tokens`` > 0, with ``lengths``, the estimates of refvllm.data.lengths): each epoch's
+    order is cut greedily into micro-batches of consecutive samples whose lengths sum to at most ``max_tokens``
+    and that hold at most ``micro_batch_size`` samples (a sample longer than the budget is a micro-batch of its
+    own); epochs are not straddled. Global micro-batch g is then the g-th of those cuts, counted over the
+    epochs in order; everything above (ranks, steps, resume) holds unchanged.
+
+    **Length grouping** (``group_by_length``): each epoch's permutation is sorted by length (longest first)
+    within windows of ``GROUP_WINDOW`` micro-batches' worth of samples, so that padded micro-batches hold
+    similar lengths (Hugging Face's ``group_by_length``); still random across windows and epochs.
     """
 
+    GROUP_WINDOW = 64  # micro-batches per sorted window (group_by_length)
+
     def __init__(self, num_samples: int, seed: int, micro_batch_size: int, num_replicas: int = 1, rank: int = 0,
-                 shuffle: bool = True):
+                 shuffle: bool = True, lengths: np.ndarray | None = None, max_tokens: int = 0,
+                 group_by_length: bool = False):
         if num_samples < 1:
             raise ConfigError("the training data has no samples")
-        if micro_batch_size < 1 or num_replicas < 1 or not 0 <= rank < num_replicas:
+        if micro_batch_size < 1 or num_replicas < 1 or not 0 <= rank < num_replicas or max_tokens < 0:
             raise ValueError(f"bad sampler setup: micro_batch_size={micro_batch_size}, "
-                             f"num_replicas={num_replicas}, rank={rank}")
+                             f"num_replicas={num_replicas}, rank={rank}, max_tokens={max_tokens}")
+        if (max_tokens or group_by_length) and (lengths is None or len(lengths) != num_samples):
+            raise ValueError("max_tokens and group_by_length need one length per sample")
         self.num_samples = num_samples
         self.seed = seed
         self.micro_batch_size = micro_batch_size
         self.num_replicas = num_replicas
         self.rank = rank
         self.shuffle = shuffle
+        self.max_tokens = max_tokens
+        self.group_by_length = group_by_length
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
         self.position = 0
-        self._cached: tuple[int, np.ndarray] | None = None  # (epoch, permutation): one epoch in memory
+        self._cached: tuple[int, np.ndarray] | None = None  # (epoch, order): one epoch in memory
+        self._cuts: tuple[int, np.ndarray] | None = None  # (epoch, micro-batch starts) under a token budget
+        self._first_batch: list[int] = [0]  # token budget: global index of each epoch's first micro-batch
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The sample order of ``epoch``: int64 [N], a permutation of 0..N-1."""
         if self._cached is None or self._cached[0] != epoch:
             order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_samples) if self.shuffle
-                     else np.arange(self.num_samples))
-            self._cached = (epoch, order.astype(np.int64))
+                     else np.arange(self.num_samples)).astype(np.int64)
+            if self.group_by_length:
+                order = _grouped(order, self.lengths, self.GROUP_WINDOW * self.micro_batch_size)
+            self._cached = (epoch, order)
         return self._cached[1]
 
     def global_microbatch(self, g: int) -> list[int]:
-        """Sample indices of global micro-batch ``g`` (stream positions ``[g*mb, (g+1)*mb)``)."""
+        """Sample indices of global micro-batch ``g`` (stream positions ``[g*mb, (g+1)*mb)``, or the g-th
+        cut under a token budget)."""
+        if self.max_tokens:
+            epoch, k = self._budget_position(g)
+            starts = self._epoch_cuts(epoch)
+            return self.epoch_order(epoch)[starts[k]:starts[k + 1]].tolist()
         out = []
         for pos in range(g * self.micro_batch_size, (g + 1) * self.micro_batch_size):
             epoch, offset = divmod(pos, self.num_samples)
             out.append(int(self.epoch_order(epoch)[offset]))
         return out
+
+    def _epoch_cuts(self, epoch: int) -> np.ndarray:
+        """Token budget: starts of the micro-batches of ``epoch`` in its order, int64 [B + 1] (last = N)."""
+        if self._cuts is None or self._cuts[0] != epoch:
+            self._cuts = (epoch, budget_cuts(self.lengths[self.epoch_order(epoch)], self.micro_batch_size,
+                                             self.max_tokens))
+        return self._cuts[1]
+
+    def _budget_position(self, g: int) -> tuple[int, int]:
+        """Token budget: (epoch, micro-batch within it) of global micro-batch ``g``."""
+        while self._first_batch[-1] <= g:  # count the cuts of one more epoch
+            epoch = len(self._first_batch) - 1
+            self._first_batch.append(self._first_batch[-1] + len(self._epoch_cuts(epoch)) - 1)
+        epoch = int(np.searchsorted(self._first_batch, g, side="right")) - 1
+        return epoch, g - self._first_batch[epoch]
 
     def microbatch_indices(self, step: int, micro_step: int, grad_accum: int, rank: int | None = None) -> list[int]:
         """Sample indices for optimizer step ``step``, micro-step ``micro_step``, ``rank`` (default: this rank)."""
@@ -195,6 +238,8 @@ class ResumableSampler:
 
     def epoch_of(self, g: int) -> int:
         """Epoch of the first sample of global micro-batch ``g`` (for logging)."""
+        if self.max_tokens:
+            return self._budget_position(g)[0]
         return g * self.micro_batch_size // self.num_samples
 
     def __iter__(self):
@@ -206,16 +251,50 @@ class ResumableSampler:
 
     def state_dict(self, consumed: int = 0) -> dict:
         """Position after this rank consumed ``consumed`` micro-batches since iteration began at ``position``."""
-        return {"position": self.position + consumed * self.num_replicas, "seed": self.seed,
-                "num_samples": self.num_samples, "micro_batch_size": self.micro_batch_size, "shuffle": self.shuffle}
+        return {"position": self.position + consumed * self.num_replicas, **self._order_settings()}
+
+    def _order_settings(self) -> dict:
+        """What decides the data order besides the position (checked on resume)."""
+        lengths = "" if self.lengths is None or not (self.max_tokens or self.group_by_length) else \
+            hashlib.sha1(self.lengths.tobytes()).hexdigest()[:16]
+        return {"seed": self.seed, "num_samples": self.num_samples, "micro_batch_size": self.micro_batch_size,
+                "shuffle": self.shuffle, "max_tokens": self.max_tokens, "group_by_length": self.group_by_length,
+                "lengths": lengths}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at ``state["position"]``; the data and sampling settings must be those of the checkpoint."""
-        for key in ("seed", "num_samples", "micro_batch_size", "shuffle"):
-            if state[key] != getattr(self, key):
-                raise ConfigError(f"cannot resume the data order exactly: the checkpoint has {key}={state[key]}, "
-                                  f"this run {key}={getattr(self, key)}")
+        """Resume at ``state["position"]``; the data and sampling settings must be those of the checkpoint
+        (a checkpoint from before the token budget existed had neither budget nor grouping)."""
+        defaults = {"max_tokens": 0, "group_by_length": False, "lengths": ""}
+        for key, value in self._order_settings().items():
+            have = state.get(key, defaults.get(key))
+            if have != value:
+                what = "token-length estimates (the data file or the processor changed)" if key == "lengths" else \
+                    f"{key}={have}, this run {key}={value}"
+                raise ConfigError(f"cannot resume the data order exactly: the checkpoint has {what}")
         if state["position"] % self.num_replicas:
             raise ConfigError(f"cannot resume at global micro-batch {state['position']} with "
                               f"{self.num_replicas} processes: it is not a multiple of the process count")
         self.position = int(state["position"])
+
+
+def budget_cuts(lengths: np.ndarray, max_samples: int, max_tokens: int) -> np.ndarray:
+    """Greedy cut of ``lengths`` (int [N], in order) into runs of at most ``max_samples`` items summing to at
+    most ``max_tokens`` (an item longer than that alone): the starts, int64 [B + 1], last = N."""
+    starts, total, count = [0], 0, 0
+    for i, n in enumerate(lengths.tolist()):
+        if count and (count == max_samples or total + n > max_tokens):
+            starts.append(i)
+            total, count = 0, 0
+        total += n
+        count += 1
+    starts.append(len(lengths))
+    return np.asarray(starts, dtype=np.int64)
+
+
+def _grouped(order: np.ndarray, lengths: np.ndarray, window: int) -> np.ndarray:
+    """``order`` with each window of ``window`` positions sorted by length, longest first (stable)."""
+    out = order.copy()
+    for start in range(0, len(order), window):
+        part = order[start:start + window]
+        out[start:start + window] = part[np.argsort(-lengths[part], kind="stable")]
+    return out

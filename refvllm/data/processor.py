@@ -219,6 +219,25 @@ class Processor:
         return {"input_ids": input_ids, **self._visual_tensors(decoded, marked.num_regions),
                 "sample_index": sample.index, "sample_id": sample.id, "reference": reference}
 
+    def estimate_tokens(self, sample: Sample) -> int:
+        """The length :meth:`encode` would give ``sample``, from its JSON alone (no media opened): the text
+        tokens exactly (rendered and tokenised as in training), the visual and region tokens for the planned
+        frame count ``num_frames`` (1 for an image; a shorter video gets fewer, so this is an upper bound
+        there). The token-budget batcher (``train.max_tokens``) groups samples by it. DataError as encode."""
+        frames = self.num_frames if sample.media_type == "video" else 1
+        marked = self._mark(sample, sample.turns, frames, with_answers=True)
+        pieces = _MARKER_SPLIT.split(self._render(sample, marked, add_generation_prompt=False))
+        texts, markers = pieces[0::2], [None, *pieces[1::2]]
+        text = sum(len(t) for t in self._tokenize_pieces(texts, _content_pieces(markers)))
+        regions = sum(self.layout.num_region_tokens(min(len(obj), frames))
+                      for obj in sample.objects[: marked.num_regions])
+        return text + self.planned_visual_tokens(sample, frames) + regions
+
+    def planned_visual_tokens(self, sample: Sample, num_frames: int) -> int:
+        """Ids the visual placeholder of ``sample`` becomes for ``num_frames`` planned frames (the count
+        :meth:`_visual_ids` gives once the media are decoded)."""
+        return self.layout.num_visual_tokens(num_frames)
+
     # ------------------------------------------------------------------ text
 
     def _mark(self, sample: Sample, turns: list[Turn], num_frames: int, with_answers: bool) -> _Marked:

@@ -213,6 +213,17 @@ class VLMProcessor(Processor):
         count = t * h * w // self.pre.merge_size**2
         return [self.token_ids["vision_start"], *([pad] * count), self.token_ids["vision_end"]]
 
+    def planned_visual_tokens(self, sample, num_frames: int) -> int:
+        """``_visual_ids``' count at the size the sample states (``height``/``width``), else at ``max_pixels``
+        (an upper bound: the media's own size is not read here)."""
+        p, m, tp = self.pre.patch_size, self.pre.merge_size, self.pre.temporal_patch_size
+        if sample.height is not None and sample.width is not None:
+            h, w = self.pre.resized(sample.height, sample.width)
+            patches = (h // p) * (w // p)
+        else:
+            patches = self.pre.max_pixels // (p * p)
+        return -(-num_frames // tp) * (patches // m**2) + 2  # + vision_start, vision_end
+
     def _visual_tensors(self, decoded: DecodedSample, num_objects: int) -> dict:
         pixels, grid = video_patches(decoded.frames, self.pre)
         is_video = decoded.sample.media_type == "video"

@@ -101,12 +101,23 @@ def build_data(cfg: Config, accelerator, seed_generator: torch.Generator):
 
     processor = make_processor(cfg)
     dataset = RefDataset.from_config(cfg, processor)
-    sampler = ResumableSampler(len(dataset), cfg.train.seed, cfg.train.micro_batch_size,
-                               num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    t, lengths = cfg.train, None
+    if t.max_tokens or t.group_by_length:
+        from refvllm.data.lengths import sample_lengths
+
+        with accelerator.main_process_first():  # one process tokenises the file; the others read its cache
+            lengths = sample_lengths(dataset, log=print if accelerator.is_main_process else _quiet)
+    sampler = ResumableSampler(len(dataset), t.seed, t.micro_batch_size, num_replicas=accelerator.num_processes,
+                               rank=accelerator.process_index, lengths=lengths, max_tokens=t.max_tokens,
+                               group_by_length=t.group_by_length)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=processor.collator(),
                                          num_workers=cfg.data.num_workers, generator=seed_generator,
                                          pin_memory=torch.cuda.is_available())
     return processor, dataset, sampler, loader, BadSampleCounter(cfg.data.max_bad_samples)
+
+
+def _quiet(*_args) -> None:
+    pass
 
 
 def make_dummy_batch(processor) -> dict:

@@ -93,3 +93,27 @@ def test_bad_samples_are_counted_then_stop_training(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["num_skipped"], r["samples"]) for r in records] == [(1, 2, 0), (2, 2, 2)]
     assert records[0]["loss"] == 0.0 and records[1]["loss"] > 1.0
+
+
+def test_token_budget_micro_batches_train_and_checkpoint_their_order(tmp_path):
+    """``train.max_tokens`` from the command line: the lengths are estimated once and cached, each step's
+    micro-batch is the sampler's budget cut (so the samples per step vary) and its estimated tokens are the
+    tokens it trained on, and the checkpoint records the budget and the lengths' digest a resume checks."""
+    import numpy as np
+
+    assets = make_assets(tmp_path / "assets", num_train=24)
+    out = tmp_path / "run"
+    proc = run_training(overrides(assets, out, train__micro_batch_size=6, train__max_tokens=250,
+                                  train__grad_accum=1, train__max_steps=3, train__save_steps=3))
+    check_ok(proc)
+    (cache,) = Path(assets["data.index_cache_dir"]).glob("*-lengths-*.npy")
+    lengths = np.load(cache)
+    sampler = ResumableSampler(24, seed=0, micro_batch_size=6, lengths=lengths, max_tokens=250)
+    batches = [sampler.global_microbatch(g) for g in range(3)]
+    assert len({len(b) for b in batches}) > 1 and all(lengths[b].sum() <= 250 for b in batches)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert np.diff([0] + [r["samples"] for r in records]).tolist() == [len(b) for b in batches]
+    # The estimate is exact on this data (every video has at least data.num_frames frames).
+    assert np.diff([0] + [r["tokens"] for r in records]).tolist() == [int(lengths[b].sum()) for b in batches]
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["sampler"]
+    assert state["max_tokens"] == 250 and state["position"] == 3 and len(state["lengths"]) == 16

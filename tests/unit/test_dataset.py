@@ -205,3 +205,79 @@ def test_resume_rejects_a_different_data_order():
             ResumableSampler(**args).load_state_dict(state)
     with pytest.raises(ConfigError, match="multiple"):
         ResumableSampler(10, seed=0, micro_batch_size=2, num_replicas=2).load_state_dict(state)
+
+
+# ---------------------------------------------------------------- token budget and length grouping
+
+LENGTHS = np.random.default_rng(7).integers(50, 900, size=41)
+
+
+def _budget(**kwargs):
+    args = {"num_samples": 41, "seed": 2, "micro_batch_size": 4, "lengths": LENGTHS, "max_tokens": 1000} | kwargs
+    return ResumableSampler(**args)
+
+
+def test_token_budget_fills_micro_batches_up_to_the_budget():
+    sampler = _budget()
+    batches, seen = [], []
+    while len(seen) < 41:  # the first epoch
+        batch = sampler.global_microbatch(len(batches))
+        batches.append(batch)
+        seen += batch
+    assert sorted(seen) == list(range(41))  # every sample once, none dropped or repeated
+    assert sampler.epoch_of(len(batches) - 1) == 0 and sampler.epoch_of(len(batches)) == 1
+    for k, batch in enumerate(batches):
+        total = int(LENGTHS[batch].sum())
+        assert 1 <= len(batch) <= 4 and (total <= 1000 or len(batch) == 1)
+        if k + 1 < len(batches) and len(batch) < 4:  # cut only because the next sample did not fit
+            assert total + LENGTHS[batches[k + 1][0]] > 1000
+    assert len(batches) < 41  # several samples per micro-batch on average
+
+
+def test_token_budget_keeps_the_step_and_resume_contracts():
+    reference = _budget()
+    for world, accum in ((2, 2), (4, 1)):
+        samplers = [_budget(num_replicas=world, rank=r) for r in range(world)]
+        streams = [take(s, 5 * accum) for s in samplers]  # past the first epoch
+        for step in range(5):
+            got = sorted(streams[r][step * accum + m] for r in range(world) for m in range(accum))
+            assert got == sorted(reference.microbatch_indices(step, m, grad_accum=4) for m in range(4))
+    first = _budget(num_replicas=2, rank=1)
+    it = iter(first)
+    consumed = [next(it) for _ in range(13)]  # into the second epoch
+    resumed = _budget(num_replicas=2, rank=1)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict(consumed=13))))
+    assert consumed + take(resumed, 4) == take(_budget(num_replicas=2, rank=1), 17)
+    with pytest.raises(ConfigError, match="max_tokens"):
+        _budget(max_tokens=2000).load_state_dict(first.state_dict(consumed=2))
+    with pytest.raises(ConfigError, match="token-length estimates"):
+        _budget(lengths=LENGTHS + 1).load_state_dict(first.state_dict(consumed=2))
+
+
+def test_length_grouping_sorts_within_windows_only():
+    lengths = np.random.default_rng(0).integers(1, 1000, size=300)
+    grouped = ResumableSampler(300, seed=1, micro_batch_size=2, lengths=lengths, group_by_length=True)
+    plain = ResumableSampler(300, seed=1, micro_batch_size=2)
+    order, base = grouped.epoch_order(0), plain.epoch_order(0)
+    window = ResumableSampler.GROUP_WINDOW * 2
+    for start in range(0, 300, window):
+        part = order[start:start + window]
+        assert sorted(part) == sorted(base[start:start + window])  # same samples per window
+        assert (np.diff(lengths[part]) <= 0).all()  # longest first
+    assert sorted(order) == list(range(300))
+
+
+def test_length_estimates_match_the_encoded_lengths(dataset, processor, tmp_path):
+    from refvllm.data.lengths import sample_lengths
+
+    lengths = sample_lengths(dataset)
+    assert lengths.shape == (4,) and lengths.dtype == np.int64
+    for i in (0, 3):  # the good samples: an image with a region, a plain image question
+        assert lengths[i] == len(dataset[i]["input_ids"])
+    assert lengths[1] == lengths[0]  # the missing image is not opened: estimated like the good one, skipped later
+    assert len(list((tmp_path / "cache").glob("*-lengths-*.npy"))) == 1
+    dataset.processor.estimate_tokens = None  # a second call reads the cache, it does not tokenise again
+    try:
+        assert sample_lengths(dataset).tolist() == lengths.tolist()
+    finally:
+        del dataset.processor.estimate_tokens

@@ -1,5 +1,6 @@
 """Qwen2.5-VL checkpoints and model-side pieces (refvllm/model/qwen2_5_vl.py) against plain transformers."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -609,3 +610,22 @@ def test_the_dummy_batch_runs_every_trainable_module_with_zero_loss(tiny):
     out.loss.backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None for _, p in trainable), [n for n, p in trainable if p.grad is None]
+
+
+def test_length_estimates_are_exact_at_a_stated_size_and_an_upper_bound_without(tiny, synthetic):
+    """The token-budget batcher's estimate (no media opened): exact when the sample states its media's size
+    (Qwen's resize is then known), the ``max_pixels`` bound when it does not."""
+    from refvllm.data.dataset import RefDataset
+    from refvllm.data.media import open_media
+    from refvllm.data.schema import parse_sample
+
+    processor = _vlm_processor(tiny)
+    processor.pre = dataclasses.replace(processor.pre, max_pixels=64 * 64)  # a bound near the real size
+    root, train_file = synthetic
+    dataset = RefDataset(train_file, root, processor, 4, processor.frame_size, "rescale")
+    for i in range(len(dataset)):
+        raw, actual = dataset.index.raw(i), len(dataset[i]["input_ids"])
+        reader = open_media(root, parse_sample(raw, i))
+        sized = parse_sample({**raw, "height": reader.height, "width": reader.width}, i)
+        assert processor.estimate_tokens(sized) == actual, raw["id"]
+        assert processor.estimate_tokens(parse_sample(raw, i)) >= actual
