@@ -1,24 +1,32 @@
-"""Packed LLM passes: a micro-batch's samples laid end to end in one row, each attending only to itself.
+"""Packed LLM passes: a micro-batch's samples laid end to end in rows, each attending only to itself.
 
 Contract:
-    packed = Packing.of(attention_mask)                 # right-padded [B, L] -> the packed layout
-    packed.pack(x)                 [B, L, ...] -> [1, N, ...]    N = attention_mask.sum(): padding is dropped
-    packed.unpack(y, fill)         [1, N, ...] -> [B, L, ...]    padding positions get ``fill``
-    packed.position_ids            long [1, N]: 0..n_b-1 within each sample (what the sample alone gets)
+    packed = Packing.of(attention_mask, rows)           # right-padded [B, L] -> the packed layout [R, C]
+    packed.pack(x)                 [B, L, ...] -> [R, C, ...]   the real tokens, sample after sample in each row
+    packed.unpack(y, fill)         [R, C, ...] -> [B, L, ...]   padding positions get ``fill``
+    packed.position_ids            long [R, C]: 0..n_b-1 within each sample (what the sample alone gets)
     packed.attention_mask(impl, dtype)   what the LLM's attention takes to keep the samples apart (below)
 
 The models embed a padded batch as before (every per-sample check of placeholders and features is unchanged),
-then pack the embeddings, positions and shifted targets, run the LLM once on [1, N], and compute the loss on
+then pack the embeddings, positions and shifted targets, run the LLM once on [R, C], and compute the loss on
 the packed targets: the same token losses as the padded pass, without the padding's compute. The shift happens
 before packing (:func:`shifted_targets`), so no target crosses from one sample into the next.
 
+Rows (``rows``): ``"one"`` puts every sample in one row (R = 1, C = N = attention_mask.sum()), for the
+backends whose cost follows the samples, not the row (flash-attn's varlen kernel, flex attention's block
+mask). ``"fit"`` fills rows as long as the longest sample, first fit by decreasing length, for the dense-mask
+backends (sdpa, eager), whose attention costs C^2 per row whatever the mask: one row of N tokens would cost N^2
+where the padded batch costs B x L^2 (5x more for the demo's 8 short samples); with rows of C = L no row costs
+more than a padded one, and short samples share rows. Positions past a row's fill are padding: target
+IGNORE_INDEX, attending only to themselves (a fully masked row would give NaN), attended to by nothing.
+
 Isolation per attention backend (``model.attn_implementation``); transformers 5.x does not derive it from packed
 ``position_ids`` under sdpa or eager, so refvllm builds it:
-    sdpa               bool [1, 1, N, N], causal and block-diagonal (True = attend)
+    sdpa               bool [R, 1, C, C], causal and block-diagonal (True = attend)
     eager              the same as an additive float mask (0 / dtype min)
     flex_attention     a BlockMask with the same rule (block-sparse: masked blocks are skipped)
     flash_attention_2  no mask: flash-attn's varlen kernel, which transformers selects from packed position ids
-                       without an attention mask
+                       (one row) without an attention mask
 A 4-D mask (or BlockMask) is passed through by transformers' mask creation as it is.
 """
 
@@ -41,40 +49,64 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Packing:
-    """The packed layout of a right-padded batch (module docstring). ``index`` [N]: flat positions (row-major in
-    [B, L]) of the real tokens; ``sample`` [N]: the sample of each packed token."""
+    """The packed layout of a right-padded batch (module docstring). ``index`` [T]: flat positions (row-major in
+    [B, L]) of the real tokens, sample after sample; ``dest`` [T]: their flat positions in [R, C]; ``sample``
+    [R, C]: the sample of each packed position (-1 on padding)."""
 
     index: torch.Tensor
+    dest: torch.Tensor
     sample: torch.Tensor
     position_ids: torch.Tensor
     shape: tuple[int, int]
 
     @classmethod
-    def of(cls, attention_mask: torch.Tensor) -> Packing:
-        """The layout of ``attention_mask`` [B, L] (1 on tokens); rows must be right-padded."""
+    def of(cls, attention_mask: torch.Tensor, rows: str = "one") -> Packing:
+        """The layout of ``attention_mask`` [B, L] (1 on tokens; rows must be right-padded) in ``rows``
+        ("one" | "fit", module docstring)."""
+        if rows not in ("one", "fit"):
+            raise ValueError(f"rows must be 'one' or 'fit', got {rows!r}")
         mask = attention_mask.bool()
+        b, length = mask.shape
         lengths = mask.sum(1)
-        if bool((mask.cumsum(1) != torch.minimum(torch.arange(1, mask.shape[1] + 1, device=mask.device)[None],
+        if bool((mask.cumsum(1) != torch.minimum(torch.arange(1, length + 1, device=mask.device)[None],
                                                  lengths[:, None])).any()):
             raise ValueError("packing needs a right-padded batch (ones, then zeros, in every attention_mask row)")
+        row_of, offset_of, fills = _assign_rows(lengths.tolist(), rows)  # planned on the host (B numbers)
+        num_rows, width = len(fills), max(fills, default=0)
         index = mask.flatten().nonzero().flatten()
-        sample = torch.repeat_interleave(torch.arange(mask.shape[0], device=mask.device), lengths)
-        position_ids = (index % mask.shape[1])[None]  # right padding: the column is the position in the sample
-        return cls(index, sample, position_ids, (mask.shape[0], mask.shape[1]))
+        sample = torch.repeat_interleave(torch.arange(b, device=mask.device), lengths)
+        column = index % length  # right padding: the column is the position in the sample
+        starts = torch.tensor([r * width + o for r, o in zip(row_of, offset_of, strict=True)], dtype=torch.long,
+                              device=mask.device)
+        dest = starts[sample] + column
+        packed_sample = torch.full((num_rows * width,), -1, dtype=torch.long, device=mask.device)
+        packed_sample[dest] = sample
+        positions = torch.zeros(num_rows * width, dtype=torch.long, device=mask.device)
+        positions[dest] = column
+        return cls(index, dest, packed_sample.view(num_rows, width), positions.view(num_rows, width), (b, length))
 
     @property
     def num_tokens(self) -> int:
+        """Real tokens (the packed positions that are not row padding)."""
         return int(self.index.shape[0])
 
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, L, ...] -> [1, N, ...] (the real tokens, sample after sample)."""
-        return x.flatten(0, 1)[self.index][None]
+    @property
+    def packed_shape(self) -> tuple[int, int]:
+        """(R, C): rows and their width."""
+        return tuple(self.sample.shape)
+
+    def pack(self, x: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
+        """[B, L, ...] -> [R, C, ...] (the real tokens, sample after sample; ``fill`` at row padding)."""
+        rows, width = self.packed_shape
+        out = x.new_full((rows * width, *x.shape[2:]), fill)
+        out[self.dest] = x.flatten(0, 1)[self.index]
+        return out.unflatten(0, (rows, width))
 
     def unpack(self, y: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
-        """[1, N, ...] -> [B, L, ...], ``fill`` at the padding positions."""
+        """[R, C, ...] -> [B, L, ...], ``fill`` at the padding positions."""
         b, length = self.shape
         out = y.new_full((b * length, *y.shape[2:]), fill)
-        out[self.index] = y[0]
+        out[self.index] = y.flatten(0, 1)[self.dest]
         return out.unflatten(0, (b, length))
 
     def attention_mask(self, implementation: str, dtype: torch.dtype = torch.float32):
@@ -86,10 +118,12 @@ class Packing:
         if implementation not in ("sdpa", "eager"):
             raise ValueError(f"packing has no isolating mask for attention {implementation!r}; "
                              f"use one of {PACKING_ATTENTION}")
-        n = self.num_tokens
-        pos = torch.arange(n, device=self.sample.device)
-        allowed = (self.sample[:, None] == self.sample[None, :]) & (pos[None, :] <= pos[:, None])
-        allowed = allowed[None, None]
+        width = self.packed_shape[1]
+        pos = torch.arange(width, device=self.sample.device)
+        real = self.sample >= 0
+        same = (self.sample[:, :, None] == self.sample[:, None, :]) & real[:, :, None]
+        allowed = (same & (pos[None, :] <= pos[:, None])) | torch.diag_embed(~real)  # padding: itself only
+        allowed = allowed[:, None]
         if implementation == "sdpa":
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
@@ -101,10 +135,34 @@ class Packing:
         sample = self.sample
 
         def same_sample_causal(b, h, q, kv):
-            return (sample[q] == sample[kv]) & (kv <= q)
+            return (sample[b, q] == sample[b, kv]) & (kv <= q)
 
-        n = self.num_tokens
-        return create_block_mask(same_sample_causal, B=None, H=None, Q_LEN=n, KV_LEN=n, device=sample.device)
+        rows, width = self.packed_shape
+        return create_block_mask(same_sample_causal, B=rows, H=None, Q_LEN=width, KV_LEN=width,
+                                 device=sample.device)
+
+
+def rows_for(implementation: str) -> str:
+    """The row layout for an attention backend: "one" where the cost follows the samples, "fit" for the
+    dense-mask backends (module docstring)."""
+    return "one" if implementation in ("flash_attention_2", "flex_attention") else "fit"
+
+
+def _assign_rows(sizes: list[int], rows: str) -> tuple[list[int], list[int], list[int]]:
+    """(row of each sample, its offset in the row, each row's fill). "fit": first fit by decreasing size into
+    rows of the largest size (ties in sample order, so the layout is deterministic)."""
+    if rows == "one":
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [0] * len(sizes), offsets, [sum(sizes)]
+    capacity = max(sizes, default=0)
+    row_of, offset_of, fills = [0] * len(sizes), [0] * len(sizes), []
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        row = next((r for r, fill in enumerate(fills) if fill + sizes[i] <= capacity), len(fills))
+        if row == len(fills):
+            fills.append(0)
+        row_of[i], offset_of[i] = row, fills[row]
+        fills[row] += sizes[i]
+    return row_of, offset_of, fills
 
 
 # --------------------------------------------------------------------------------------------- the LM pass
@@ -145,23 +203,24 @@ def causal_lm_pass(lm, embeds: torch.Tensor, attention_mask: torch.Tensor, label
     """One teacher-forced pass of the causal LM ``lm`` on ``embeds`` [B, L, D] -> (loss or None, logits).
 
     ``position_ids``: None (the LM's own 1-D positions) or the multi-axis positions [A, B, L] of an mRoPE model,
-    computed per sample on the padded batch. ``pack``: run the real tokens as one packed row (module
-    docstring); an mRoPE model then gets [1 + A, 1, N], the per-sample text positions first (transformers'
-    convention for packed mRoPE inputs: its mask creation reads them). Loss and gradients equal the padded
-    pass's to float tolerance. Logits: [B, L, V] (``logits_at="all"``, packed ones unpacked, zeros at padding),
-    else [B or 1, K, V] at the kept positions (see :func:`label_positions`).
+    computed per sample on the padded batch. ``pack``: run the real tokens packed (module docstring; the rows
+    :func:`rows_for` the LM's attention backend); an mRoPE model then gets [1 + A, R, C], the per-sample text
+    positions first (transformers' convention for packed mRoPE inputs: its mask creation reads them). Loss and
+    gradients equal the padded pass's to float tolerance. Logits: [B, L, V] (``logits_at="all"``, packed ones
+    unpacked, zeros at padding), else [B or R, K, V] at the kept positions (see :func:`label_positions`).
     """
     targets = None if labels is None else shifted_targets(labels)
     kwargs = {"attention_mask": attention_mask}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    packing = Packing.of(attention_mask) if pack else None
+    implementation = attention_implementation(lm)
+    packing = Packing.of(attention_mask, rows_for(implementation)) if pack else None
     if packing is not None:
         embeds = packing.pack(embeds)
-        targets = None if targets is None else packing.pack(targets)
-        kwargs["attention_mask"] = packing.attention_mask(attention_implementation(lm), embeds.dtype)
+        targets = None if targets is None else packing.pack(targets, fill=IGNORE_INDEX)
+        kwargs["attention_mask"] = packing.attention_mask(implementation, embeds.dtype)
         kwargs["position_ids"] = packing.position_ids if position_ids is None else torch.cat(
-            [packing.position_ids[None], position_ids.flatten(1, 2)[:, packing.index][:, None]])
+            [packing.position_ids[None], packing.pack(position_ids.permute(1, 2, 0)).permute(2, 0, 1)])
     keep = label_positions(targets, logits_at, embeds.device)
     if keep is not None:
         kwargs["logits_to_keep"] = keep
