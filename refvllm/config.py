@@ -27,8 +27,22 @@ from typing import Any
 
 import yaml
 
+from refvllm.constants import REGION_PLACEHOLDER
 from refvllm.data.limits import DataLimits
 from refvllm.errors import ConfigError
+
+
+@dataclass
+class PromptConfig:
+    """How prompts are written, read by training (the processor) and evaluation alike: an evaluation loads
+    them from the checkpoint's config, so both see the same text."""
+
+    # What each <region> placeholder becomes; {region} stands for the object's region tokens (e.g.
+    # "<obj>{region}</obj>" or "object {region}"). The default: the tokens alone, in the placeholder's place.
+    region: str = "{region}"
+    # The line after a multiple-choice question's options (bench-q evaluation); empty = none. Write your
+    # multiple-choice training questions with the same line.
+    choice_instruction: str = "Answer with the option's letter from the given choices directly."
 
 
 @dataclass
@@ -56,6 +70,7 @@ class DataConfig:
     num_workers: int = 2  # data loader worker processes
     index_cache_dir: str = ""  # where sample offset indexes are cached; empty = ~/.cache/refvllm/index
     limits: DataLimits = field(default_factory=DataLimits)  # per-sample resource bounds (docs/data-format.md)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -452,6 +467,8 @@ _NO_RULE = {
     "model.image_mean": "checked with model.image_std (cross-field)",
     "model.image_std": "checked with model.image_mean (cross-field)",
     "train.resume": "none | auto | a checkpoint path (empty = none); the path is checked when training starts",
+    "data.prompt.choice_instruction": "any line; empty = none",
+    "data.prompt.region": "checked in the cross-field rules: exactly one {region}",
     "eval.judge_endpoint": "empty = no judge",
     "eval.judge_model": "checked with eval.judge_endpoint (cross-field)",
     "eval.judge_api_key_env": "empty = no API key",
@@ -493,6 +510,9 @@ def _check_cross_field(cfg: Config) -> None:
     if m.attn_implementation == "flash_attention_2" and m.dtype != "bfloat16":
         raise ConfigError(f"config key 'model.dtype' must be bfloat16 with model.attn_implementation="
                           f"flash_attention_2 (its kernels run in half precision only; or use sdpa); got {m.dtype!r}")
+    if d.prompt.region.count("{region}") != 1 or REGION_PLACEHOLDER in d.prompt.region.replace("{region}", ""):
+        raise _bad("data.prompt.region", f"text with exactly one {{region}} (where the region tokens go) and no "
+                   f"{REGION_PLACEHOLDER}", d.prompt.region)
     if t.max_tokens and t.micro_batch_size == 1:  # the budget fills micro-batches of up to micro_batch_size
         raise ConfigError("config key 'train.micro_batch_size' must be > 1 with train.max_tokens (it is the most "
                           "samples a token-budget micro-batch takes); got 1")

@@ -98,8 +98,10 @@ def family_of(model) -> Family:
 
 
 def make_processor(cfg):
-    """The processor of ``cfg``'s model family."""
-    return family_of(cfg.model).hook("processor")(cfg)
+    """The processor of ``cfg``'s model family, writing prompts as ``data.prompt`` says."""
+    processor = family_of(cfg.model).hook("processor")(cfg)
+    processor.region_format = cfg.data.prompt.region
+    return processor
 
 
 def checkpoint_paths(model) -> dict[str, str]:

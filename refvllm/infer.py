@@ -153,6 +153,7 @@ class RefInference:
         self.model.to(self.device).eval()
         self.vision_dtype = next(model.vision.parameters()).dtype
         self.eos_ids = _eos_ids(model, processor.tokenizer)
+        self.source: str | None = None  # the checkpoint or export directory it was loaded from
 
     @classmethod
     def from_pretrained(cls, path: str | Path, overrides: list[str] | None = None,
@@ -162,8 +163,11 @@ class RefInference:
         ``key=value`` config overrides (e.g. ``eval.max_new_tokens=64``)."""
         from refvllm.checkpoint import load_for_inference, resolve_model_dir
 
-        cfg, model, processor = load_for_inference(resolve_model_dir(path), overrides)
-        return cls(cfg, model, processor, device)
+        source = resolve_model_dir(path)
+        cfg, model, processor = load_for_inference(source, overrides)
+        engine = cls(cfg, model, processor, device)
+        engine.source = str(Path(source).resolve())
+        return engine
 
     # ------------------------------------------------------------------ preparing prompts
 

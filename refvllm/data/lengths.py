@@ -34,7 +34,8 @@ def processor_signature(processor) -> str:
     """A digest of what decides a sample's token count under ``processor``."""
     tok = processor.tokenizer
     parts = [f"v{LENGTHS_VERSION}", type(processor).__name__, tok.name_or_path, str(len(tok)),
-             str(getattr(tok, "chat_template", "")), str(processor.num_frames), repr(asdict(processor.layout))]
+             str(getattr(tok, "chat_template", "")), str(processor.num_frames), repr(asdict(processor.layout)),
+             processor.region_format]
     pre = getattr(processor, "pre", None)
     if pre is not None and is_dataclass(pre):
         parts.append(repr(asdict(pre)))

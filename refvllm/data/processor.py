@@ -90,6 +90,14 @@ class Processor:
     go with it (the dataset and inference read them from here so that both decode like training did).
     """
 
+    # What a <region> placeholder becomes around its tokens (data.prompt.region; families.make_processor sets
+    # it from the config): "{region}" marks the tokens.
+    region_format = "{region}"
+
+    @property
+    def _region_text(self) -> str:
+        return self.region_format.replace("{region}", _REG)
+
     def __init__(self, tokenizer, layout: TokenLayout, spec: VisualSpec, max_length: int, num_frames: int,
                  mask_resize: str):
         if not getattr(tokenizer, "chat_template", None):
@@ -253,7 +261,8 @@ class Processor:
                              category)
             num_regions += found.count(REGION_PLACEHOLDER)
             num_visual += len(found) - found.count(REGION_PLACEHOLDER)
-            text = _PLACEHOLDER.sub(lambda m: _REG if m.group(0) == REGION_PLACEHOLDER else _VIS, turn.text)
+            text = _PLACEHOLDER.sub(lambda m: self._region_text if m.group(0) == REGION_PLACEHOLDER else _VIS,
+                                    turn.text)
             if with_answers and turn.role == "assistant":
                 text, num_answers = _ANS_BEGIN + text + _ANS_END, num_answers + 1
             else:

@@ -9,7 +9,8 @@ last ``gpt`` turn being the reference answer, ``annotation`` one dict per object
   and ``needs_region`` (written by the synthetic generator), ``frame_idx`` (for single-frame mode).
 - ``bench-q`` (VideoRefer-Bench-Q): ``video`` (a frame folder or video file), ``Question`` (with ``<region>``
   placeholders), ``type``, ``options`` (``["(A) ...", ...]``), ``Answer`` (``"(A) ..."``), ``frame_idx``,
-  ``annotation``. The prompt is the question, the options one per line and :data:`CHOICE_INSTRUCTION`.
+  ``annotation``. The prompt is the question, the options one per line and the instruction line
+  (``data.prompt.choice_instruction`` of the checkpoint's config; default :data:`CHOICE_INSTRUCTION`).
 - ``bench-d`` (VideoRefer-Bench-D): ``video``, ``caption`` (the reference description), ``frame_idx``,
   ``annotation`` (32 masked frames per object). The prompt asks to describe the ``<region>`` object(s).
 
@@ -27,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from refvllm.config import PromptConfig
 from refvllm.constants import REGION_PLACEHOLDER, VIDEO_PLACEHOLDER
 from refvllm.errors import DataError
 
 FORMATS = ("seed", "bench-q", "bench-d")
 MODES = ("multi", "single")
-CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+CHOICE_INSTRUCTION = PromptConfig.choice_instruction  # the default of data.prompt.choice_instruction
 DESCRIBE_TYPE = "description"  # the question type given to Bench-D entries (it has no types)
 UNTYPED = "all"  # the type of seed samples that carry none
 
@@ -155,9 +157,9 @@ def _seed_raw(entry: dict[str, Any], prompt: str, answer: str, annotation: Any) 
     return raw
 
 
-def choice_prompt(question: str, options: list[str]) -> str:
-    """Question, the options one per line, and the instruction to answer with the letter."""
-    return "\n".join([question.strip(), *[str(o).strip() for o in options], CHOICE_INSTRUCTION])
+def choice_prompt(question: str, options: list[str], instruction: str = CHOICE_INSTRUCTION) -> str:
+    """Question, the options one per line, and the instruction line (none when empty)."""
+    return "\n".join([question.strip(), *[str(o).strip() for o in options], *([instruction] if instruction else [])])
 
 
 def describe_prompt(num_objects: int) -> str:
@@ -174,11 +176,12 @@ def _check_options(options: Any) -> list[str]:
     return options
 
 
-def bench_q_entry(entry: dict[str, Any], index: int, mode: str) -> EvalEntry:
+def bench_q_entry(entry: dict[str, Any], index: int, mode: str,
+                  instruction: str = CHOICE_INSTRUCTION) -> EvalEntry:
     """A VideoRefer-Bench-Q entry as an :class:`EvalEntry` (chance = 1 / number of options)."""
     _require(entry, ("video", "Question", "options", "Answer", "annotation"))
     options = _check_options(entry["options"])
-    prompt = choice_prompt(str(entry["Question"]), options)
+    prompt = choice_prompt(str(entry["Question"]), options, instruction)
     raw = _seed_raw(entry, prompt, str(entry["Answer"]), select_mode(entry["annotation"], entry, mode))
     qtype = _type_of(entry)
     extra = {"video": entry["video"], "Answer": entry["Answer"], "frame_idx": entry.get("frame_idx")}
@@ -234,12 +237,15 @@ def _entry_id(entry: dict[str, Any], index: int) -> str:
     return str(entry["id"]) if entry.get("id") is not None else str(index)
 
 
-def to_entry(record: Any, index: int, fmt: str, mode: str) -> EvalEntry | BadEntry:
+def to_entry(record: Any, index: int, fmt: str, mode: str,
+             choice_instruction: str = CHOICE_INSTRUCTION) -> EvalEntry | BadEntry:
     """One file record as an EvalEntry, or a BadEntry with the reason (never raises DataError)."""
     if not isinstance(record, dict):
         return BadEntry(index, str(index), None, f"entry must be a JSON object, got {type(record).__name__}")
     try:
-        entry = _READERS[fmt](record, index, mode)
+        reader = _READERS[fmt]
+        entry = (reader(record, index, mode, choice_instruction) if reader is bench_q_entry
+                 else reader(record, index, mode))
     except DataError as e:
         qtype = DESCRIBE_TYPE if fmt == "bench-d" else record.get("type")
         return BadEntry(index, _entry_id(record, index), None if qtype is None else str(qtype), e.reason)
@@ -247,8 +253,10 @@ def to_entry(record: Any, index: int, fmt: str, mode: str) -> EvalEntry | BadEnt
     return entry
 
 
-def read_eval_file(path: str | Path, fmt: str, mode: str) -> list[EvalEntry | BadEntry]:
-    """Every entry of ``path`` in ``fmt`` ('seed' | 'bench-q' | 'bench-d') and ``mode`` ('multi' | 'single')."""
+def read_eval_file(path: str | Path, fmt: str, mode: str,
+                   choice_instruction: str = CHOICE_INSTRUCTION) -> list[EvalEntry | BadEntry]:
+    """Every entry of ``path`` in ``fmt`` (:data:`FORMATS`) and ``mode`` ('multi' | 'single');
+    ``choice_instruction``: the line after a multiple-choice question's options (``data.prompt``)."""
     if fmt not in FORMATS:
         raise DataError(f"unknown evaluation format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if mode not in MODES:
@@ -256,4 +264,4 @@ def read_eval_file(path: str | Path, fmt: str, mode: str) -> list[EvalEntry | Ba
     records = load_records(path)
     if not isinstance(records, list):
         raise DataError(f"'{path}' must hold a JSON array or JSON lines")
-    return [to_entry(record, i, fmt, mode) for i, record in enumerate(records)]
+    return [to_entry(record, i, fmt, mode, choice_instruction) for i, record in enumerate(records)]

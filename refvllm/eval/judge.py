@@ -13,6 +13,7 @@ Off by default: :func:`judge_from_config` returns None when ``eval.judge_endpoin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -46,6 +47,10 @@ object in a video and a predicted description of the same object. Score the pred
 4. Hallucination Detection: 5 means no invented details; lower for each detail not supported by the correct one.
 Answer with one JSON object and nothing else:
 {"subject_correspondence": S, "appearance": A, "temporal": T, "hallucination": H}"""
+
+# Bump when SYSTEM_PROMPT or the user message changes: the metrics record it beside the judge model, so that
+# figures made with different prompts are never averaged or compared unawares.
+PROMPT_VERSION = "refvllm-bench-d-v1"
 
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -125,8 +130,10 @@ class JudgeClient:
 
     @property
     def settings(self) -> dict[str, Any]:
-        """What to record next to the scores: endpoint, model, temperature."""
-        return {"endpoint": self.url, "model": self.model, "temperature": self.temperature}
+        """What to record next to the scores: endpoint, model, temperature, the prompt's version and digest."""
+        digest = hashlib.sha1(json.dumps(self.messages("{reference}", "{prediction}")).encode()).hexdigest()[:12]
+        return {"endpoint": self.url, "model": self.model, "temperature": self.temperature,
+                "prompt_version": PROMPT_VERSION, "prompt_sha1": digest, "max_retries": self.max_retries}
 
     def messages(self, reference: str, prediction: str) -> list[dict[str, str]]:
         return [
@@ -182,11 +189,16 @@ def judge_from_config(cfg: EvalConfig, sleep=time.sleep) -> JudgeClient | None:
                        timeout_s=cfg.judge_timeout_s, max_retries=cfg.judge_max_retries, sleep=sleep)
 
 
-def judge_predictions(client: JudgeClient, records: list[dict[str, Any]], progress=None) -> dict[str, Any]:
+def judge_predictions(client: JudgeClient, records: list[dict[str, Any]], progress=None,
+                      num_entries: int | None = None) -> dict[str, Any]:
     """Score each record's ``prediction`` against its ``reference`` in place (``judge`` key: scores or error).
 
-    Returns the summary recorded in the metrics: the judge's settings, ``n_scored``, ``n_failed``, the mean of
-    each dimension over the scored records, and ``average`` (mean of the four means, as the benchmark reports).
+    Returns the summary recorded in the metrics: the judge's settings, ``n_scored``, ``n_failed`` (judgements
+    still failed or unparsable after the retries), ``coverage`` (scored / ``num_entries``, every entry of the
+    file, default the records given: a description that could not be generated counts against it too), the
+    mean of each dimension over the scored records and ``average`` (the mean of the four means, as the
+    benchmark reports), and ``average_failed_as_zero`` (the same with every unscored entry counted 0: the
+    lower bound when coverage is short).
     """
     totals = {d: 0.0 for d in DIMENSIONS}
     scored = failed = 0
@@ -203,6 +215,10 @@ def judge_predictions(client: JudgeClient, records: list[dict[str, Any]], progre
             scored += 1
         if progress is not None:
             progress.update(1)
+    total = len(records) if num_entries is None else num_entries
     means = {d: (totals[d] / scored if scored else None) for d in DIMENSIONS}
     average = sum(means.values()) / len(DIMENSIONS) if scored else None
-    return client.settings | {"n_scored": scored, "n_failed": failed, "scores": means, "average": average}
+    as_zero = sum(totals.values()) / len(DIMENSIONS) / total if total else None
+    return client.settings | {"n_scored": scored, "n_failed": failed, "n_entries": total,
+                              "coverage": scored / total if total else None, "scores": means, "average": average,
+                              "average_failed_as_zero": as_zero}

@@ -13,6 +13,11 @@ How a sample is scored depends on its reference answer:
 
 Every sample also gets ``exact_match`` and ``f1`` (SQuAD-style normalisation: lower case, no punctuation, no
 articles). Accuracy of a type is the mean of ``correct`` over its ``choice``/``short`` samples.
+
+Two rules read a multiple-choice answer (:data:`CHOICE_RULES`): ``refvllm`` (:func:`extract_choice`, lenient
+about wording, strict about naming exactly one option) and ``videorefer`` (:func:`videorefer_choice`, the
+published VideoRefer-Bench-Q scorer's rule, for figures that sit in its tables). The evaluation picks the
+headline rule per format (bench-q: videorefer) and reports the other beside it (``accuracy_refvllm``).
 """
 
 from __future__ import annotations
@@ -118,15 +123,50 @@ def extract_choice(prediction: str, options: list[str] | None = None) -> str | N
     return None
 
 
+_PAREN_LETTER = re.compile(r"\(([A-Z])\)")
+_LETTER_PAREN = re.compile(r"([A-Z])\)")
+
+
+def videorefer_choice(prediction: str) -> str | None:
+    """The letter the published VideoRefer-Bench-Q scorer reads from a prediction: ``(X)`` anywhere (capital
+    X), else ``X)`` anywhere, else the first character of the prediction with every ``.`` removed, whatever it
+    is ("The answer is B." reads "T", "An animal runs" reads "A"). Upper-cased here (the scorer compares case
+    insensitively); None for a prediction that is empty after removing dots (where the scorer would crash)."""
+    for rule in (_PAREN_LETTER, _LETTER_PAREN):
+        m = rule.search(prediction)
+        if m:
+            return m.group(1)
+    text = prediction.replace(".", "")
+    return text[0].upper() if text else None
+
+
+def videorefer_reference(answer: str) -> str:
+    """The scorer's reading of a reference ``Answer``: the letter of its ``(X)``, else the whole string."""
+    m = _PAREN_LETTER.search(answer)
+    return m.group(1) if m else answer.upper()
+
+
+CHOICE_RULES = {
+    "refvllm": "refvllm's extractor (refvllm.eval.metrics.extract_choice): (X) anywhere, 'Answer/Option X', a "
+               "lone or leading letter, or the text of exactly one option; else no answer (wrong)",
+    "videorefer": "the published VideoRefer-Bench-Q scorer: (X) anywhere, else X) anywhere, else the first "
+                  "character of the prediction with dots removed",
+}
+
+
 @dataclass
 class Score:
-    """One sample's score. ``correct`` is None for free-form answers (no accuracy)."""
+    """One sample's score. ``correct`` is None for free-form answers (no accuracy). For multiple choice,
+    ``correct`` follows the headline rule and ``correct_refvllm`` / ``correct_videorefer`` each rule."""
 
     kind: str  # choice | short | free
     exact_match: float
     f1: float
     correct: bool | None
-    extracted: str | None = None  # the chosen letter (choice) or None
+    extracted: str | None = None  # the chosen letter (choice, headline rule) or None
+    correct_refvllm: bool | None = None
+    correct_videorefer: bool | None = None
+    extracted_videorefer: str | None = None
 
 
 def answer_kind(reference: str, options: list[str] | None) -> str:
@@ -136,14 +176,22 @@ def answer_kind(reference: str, options: list[str] | None) -> str:
     return "short" if len(normalize_answer(reference).split()) <= SHORT_ANSWER_WORDS else "free"
 
 
-def score_answer(prediction: str, reference: str, options: list[str] | None = None) -> Score:
-    """Score one prediction against its reference (see the module docstring for the three kinds)."""
+def score_answer(prediction: str, reference: str, options: list[str] | None = None,
+                 choice_rule: str = "refvllm") -> Score:
+    """Score one prediction against its reference (see the module docstring for the three kinds); a
+    multiple-choice answer by both rules, ``choice_rule`` deciding ``correct``."""
+    if choice_rule not in CHOICE_RULES:
+        raise ValueError(f"unknown choice rule {choice_rule!r}; choose one of {', '.join(CHOICE_RULES)}")
     kind = answer_kind(reference, options)
     em, f1 = exact_match(prediction, reference), token_f1(prediction, reference)
     if kind == "choice":
         gold = extract_choice(reference, options)
         chosen = extract_choice(prediction, options)
-        return Score(kind, em, f1, chosen is not None and chosen == gold, chosen)
+        ours = chosen is not None and chosen == gold
+        theirs_letter = videorefer_choice(prediction)
+        theirs = theirs_letter is not None and theirs_letter == videorefer_reference(reference)
+        correct, letter = (theirs, theirs_letter) if choice_rule == "videorefer" else (ours, chosen)
+        return Score(kind, em, f1, correct, letter, ours, theirs, theirs_letter)
     if kind == "short":
         return Score(kind, em, f1, em == 1.0)
     return Score(kind, em, f1, None)
@@ -172,9 +220,13 @@ def _consistent(values: list[Any]) -> Any:
 def _group_metrics(items: list[Scored]) -> dict[str, Any]:
     graded = [s.score.correct for s in items if s.score.correct is not None]
     chances = [s.chance for s in items if s.chance is not None]
+    by_rule = {f"accuracy_{rule}": _mean([float(c) for s in items
+                                          if (c := getattr(s.score, f"correct_{rule}")) is not None])
+               for rule in CHOICE_RULES}
     return {
         "n": len(items),
         "accuracy": _mean([float(c) for c in graded]),
+        **by_rule,
         "n_graded": len(graded),
         "exact_match": _mean([s.score.exact_match for s in items]),
         "f1": _mean([s.score.f1 for s in items]),
@@ -189,8 +241,10 @@ def aggregate(items: list[Scored], bad_per_type: dict[str, int] | None = None) -
     Per type and overall: ``n`` (scored samples), ``accuracy`` (mean of ``correct`` over the ``n_graded``
     choice/short samples; None when there are none), ``exact_match``, ``f1``, ``chance`` (mean of the samples'
     chance levels, None when unknown), ``needs_region`` (the samples' common value, None when unknown or mixed)
-    and ``num_bad`` (samples of this type that could not be evaluated). ``overall.accuracy`` is the micro average
-    over all graded samples; ``overall.macro_accuracy`` the mean of the per-type accuracies.
+    and ``num_bad`` (samples of this type that could not be evaluated), and ``accuracy_refvllm`` /
+    ``accuracy_videorefer``: the multiple-choice samples' accuracy by each rule (None without such samples).
+    ``overall.accuracy`` is the micro average over all graded samples (as VideoRefer-Bench-Q's published
+    average); ``overall.macro_accuracy`` the mean of the per-type accuracies.
     """
     bad_per_type = bad_per_type or {}
     by_type: dict[str, list[Scored]] = {}

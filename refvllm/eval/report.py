@@ -39,13 +39,19 @@ def _fmt(value: Any, percent: bool = False) -> str:
 def results_table(metrics: dict[str, Any]) -> str:
     """The per-type table and the overall row as aligned text.
 
-    Columns: type, n, bad, accuracy (%), chance (%), needs_region, exact match (%), token F1 (%); with judge
-    scores (Bench-D) also the four dimension means and their average (0..5).
+    Columns: type, n, bad, accuracy (%; by the published rule for Bench-Q, refvllm's extractor's accuracy
+    then beside it), chance (%), needs_region, exact match (%), token F1 (%); with judge scores (Bench-D) also
+    the four dimension means and their average (0..5).
     """
-    header = ["type", "n", "bad", "acc%", "chance%", "region", "EM%", "F1%"]
+    groups = [*metrics["per_type"].items(), ("OVERALL", metrics["overall"])]
+    # Multiple choice scored by the published rule: refvllm's own extractor's figure beside it.
+    second = (metrics.get("run", {}).get("choice_rule") == "videorefer"
+              and any(m.get("accuracy_refvllm") is not None for _, m in groups))
+    header = ["type", "n", "bad", "acc%", *(["acc%(refvllm)"] if second else []), "chance%", "region", "EM%", "F1%"]
     rows = []
-    for name, m in [*metrics["per_type"].items(), ("OVERALL", metrics["overall"])]:
+    for name, m in groups:
         rows.append([name, _fmt(m["n"]), _fmt(m.get("num_bad", 0)), _fmt(m["accuracy"], True),
+                     *([_fmt(m.get("accuracy_refvllm"), True)] if second else []),
                      _fmt(m.get("chance"), True), _fmt(m.get("needs_region")), _fmt(m["exact_match"], True),
                      _fmt(m["f1"], True)])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -56,5 +62,6 @@ def results_table(metrics: dict[str, Any]) -> str:
     if judge and judge.get("scores"):
         parts = [f"{k}={_fmt(v)}" for k, v in judge["scores"].items()]
         lines.append(f"judge ({judge['model']}, T={judge['temperature']}): {' '.join(parts)} "
-                     f"average={_fmt(judge['average'])} scored={judge['n_scored']} failed={judge['n_failed']}")
+                     f"average={_fmt(judge['average'])} scored={judge['n_scored']} failed={judge['n_failed']} "
+                     f"coverage={_fmt(judge.get('coverage'), True)}% prompt={judge.get('prompt_version')}")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ error (missing model or file, bad config), 2 on a usage error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -33,8 +34,9 @@ from refvllm.data.types import Skipped
 from refvllm.errors import DataError
 from refvllm.eval.formats import FORMATS, MODES, BadEntry, EvalEntry, read_eval_file
 from refvllm.eval.judge import NO_JUDGE_MESSAGE, judge_from_config, judge_predictions
-from refvllm.eval.metrics import Scored, aggregate, score_answer
+from refvllm.eval.metrics import CHOICE_RULES, Scored, aggregate, score_answer
 from refvllm.eval.report import predictions_path, results_table, write_metrics, write_predictions
+from refvllm.eval.shards import PartFiles, ProcessContext, batch_plan, process_context, run_key
 from refvllm.infer import Generation, RefInference
 
 
@@ -69,21 +71,43 @@ def _as_list(items: list) -> list:
     return items
 
 
-def generate_all(engine: RefInference, entries: list[EvalEntry], data_root: str | Path,
-                 ablate_regions: bool = False, progress: bool = True) -> tuple[dict[int, Generation], list[Skipped]]:
-    """Generations by entry index, and the entries that could not be prepared (bad media, masks, length...)."""
+def generate_batches(engine: RefInference, good: list[EvalEntry], data_root: str | Path, plan: list[range],
+                     batches: list[int], parts: PartFiles, rank: int = 0, ablate_regions: bool = False,
+                     progress: bool = True) -> None:
+    """Generate the answers of ``batches`` (positions in ``plan``, batches of ``good``) and write each batch to
+    this rank's part file as it finishes (refvllm.eval.shards); prompts are prepared in DataLoader workers."""
     loader = torch.utils.data.DataLoader(
-        PromptDataset(entries, engine.processor, data_root), batch_size=engine.cfg.eval.batch_size,
+        PromptDataset(good, engine.processor, data_root), batch_sampler=[list(plan[k]) for k in batches],
         num_workers=engine.cfg.data.num_workers, collate_fn=_as_list)
+    total = sum(len(plan[k]) for k in batches)
+    with tqdm(total=total, desc="eval", unit="sample", disable=not progress, file=sys.stderr) as bar:
+        for k, items in zip(batches, loader, strict=True):
+            kept = [x for x in items if not isinstance(x, Skipped)]
+            results = [{"index": g.index, "id": g.id, "text": g.text, "num_tokens": g.num_tokens}
+                       for g in engine.generate_items(kept, ablate_regions)]
+            results += [{"index": x.index, "id": x.id, "skipped": x.reason} for x in items if isinstance(x, Skipped)]
+            parts.append(rank, k, results)
+            bar.update(len(items))
+
+
+def collect(done: dict[int, list[dict]], plan: list[range], good: list[EvalEntry]
+            ) -> tuple[dict[int, Generation], list[Skipped]]:
+    """Generations by entry index and the entries that could not be prepared, from every batch's results;
+    RuntimeError when a batch is missing (a process did not finish its share)."""
+    missing = [k for k in range(len(plan)) if k not in done]
+    if missing:
+        raise RuntimeError(f"{len(missing)} of {len(plan)} evaluation batches have no results (first: {missing[0]})")
     generations: dict[int, Generation] = {}
     skipped: list[Skipped] = []
-    with tqdm(total=len(entries), desc="eval", unit="sample", disable=not progress, file=sys.stderr) as bar:
-        for items in loader:
-            skipped += [x for x in items if isinstance(x, Skipped)]
-            kept = [x for x in items if not isinstance(x, Skipped)]
-            for gen in engine.generate_items(kept, ablate_regions):
-                generations[gen.index] = gen
-            bar.update(len(items))
+    for k in range(len(plan)):
+        for r in done[k]:
+            if "skipped" in r:
+                skipped.append(Skipped(r["index"], r["id"], r["skipped"]))
+            else:
+                generations[r["index"]] = Generation(r["index"], r["id"], r["text"], r["num_tokens"])
+    expected = {e.index for e in good}
+    if set(generations) | {s.index for s in skipped} != expected:
+        raise RuntimeError("the evaluation batches' results do not cover the questions exactly")
     return generations, skipped
 
 
@@ -93,12 +117,29 @@ def _prompt_text(entry: EvalEntry) -> str:
     return humans[-1].replace("<video>\n", "").replace("<image>\n", "") if humans else ""
 
 
-def prediction_record(entry: EvalEntry, gen: Generation) -> tuple[dict[str, Any], Scored]:
-    """The predictions-file record of one answered entry, and its score."""
-    score = score_answer(gen.text, entry.reference, entry.options)
+def choice_rule(fmt: str) -> str:
+    """The rule behind a format's headline multiple-choice accuracy (refvllm.eval.metrics.CHOICE_RULES):
+    bench-q figures are computed as the published scorer computes them."""
+    return "videorefer" if fmt == "bench-q" else "refvllm"
+
+
+def scoring_info(fmt: str) -> dict[str, str]:
+    """What the metrics file says about how each accuracy figure was computed."""
+    rule = choice_rule(fmt)
+    return {"accuracy": f"{rule}: {CHOICE_RULES[rule]}",
+            **{f"accuracy_{r}": f"{r}: {text}" for r, text in CHOICE_RULES.items()},
+            "overall.accuracy": "micro average over every graded question (the published Bench-Q average)",
+            "overall.macro_accuracy": "mean of the per-type accuracies"}
+
+
+def prediction_record(entry: EvalEntry, gen: Generation, fmt: str = "seed") -> tuple[dict[str, Any], Scored]:
+    """The predictions-file record of one answered entry, and its score (the headline rule of ``fmt``)."""
+    score = score_answer(gen.text, entry.reference, entry.options, choice_rule(fmt))
+    choice = ({"correct_refvllm": score.correct_refvllm, "correct_videorefer": score.correct_videorefer,
+               "extracted_videorefer": score.extracted_videorefer} if score.kind == "choice" else {})
     record = {"index": entry.index, "id": entry.id, "type": entry.type, "question": _prompt_text(entry),
               "reference": entry.reference, "prediction": gen.text, "kind": score.kind, "correct": score.correct,
-              "extracted": score.extracted, "exact_match": score.exact_match, "f1": round(score.f1, 6),
+              "extracted": score.extracted, **choice, "exact_match": score.exact_match, "f1": round(score.f1, 6),
               "num_tokens": gen.num_tokens, "chance": entry.chance, "needs_region": entry.needs_region,
               "options": entry.options, **entry.extra, "pred": gen.text}  # "pred": the reference scripts' key
     return record, Scored(entry.type, score, entry.chance, entry.needs_region)
@@ -109,7 +150,7 @@ def bad_record(bad: BadEntry) -> dict[str, Any]:
 
 
 def score_all(entries: list[EvalEntry | BadEntry], generations: dict[int, Generation],
-              skipped: list[Skipped]) -> tuple[list[dict], list[Scored], list[BadEntry]]:
+              skipped: list[Skipped], fmt: str = "seed") -> tuple[list[dict], list[Scored], list[BadEntry]]:
     """Records in file order, scores of the answered entries, and every bad entry (read or prepare time)."""
     reasons = {s.index: s.reason for s in skipped}
     records, scored, bad = [], [], []
@@ -120,7 +161,7 @@ def score_all(entries: list[EvalEntry | BadEntry], generations: dict[int, Genera
             bad.append(entry)
             records.append(bad_record(entry))
             continue
-        record, score = prediction_record(entry, generations[entry.index])
+        record, score = prediction_record(entry, generations[entry.index], fmt)
         records.append(record)
         scored.append(score)
     return records, scored, bad
@@ -144,43 +185,76 @@ def _run_judge(engine: RefInference, records: list[dict], fmt: str, progress: bo
         return {"enabled": False, "message": NO_JUDGE_MESSAGE}
     answered = [r for r in records if "prediction" in r]
     with tqdm(total=len(answered), desc="judge", disable=not progress, file=sys.stderr) as bar:
-        return {"enabled": True, **judge_predictions(client, answered, bar)}
+        return {"enabled": True, **judge_predictions(client, answered, bar, num_entries=len(records))}
 
 
 def evaluate(engine: RefInference, data: str | Path, data_root: str | Path, out: str | Path, fmt: str = "seed",
              mode: str = "multi", ablate_regions: bool = False, progress: bool = True,
-             entries: list[EvalEntry | BadEntry] | None = None) -> dict[str, Any]:
+             entries: list[EvalEntry | BadEntry] | None = None, ctx: ProcessContext | None = None
+             ) -> dict[str, Any] | None:
     """Evaluate ``engine`` on ``data``; writes METRICS.json at ``out`` and the predictions next to it.
 
-    Returns the metrics dict (see docs/evaluation.md): ``overall``, ``per_type``, ``bad_samples``, ``judge``
-    (Bench-D) and ``run`` (what was evaluated, how, and how long it took).
+    Every process of ``ctx`` (default: this one alone) generates its share of the batches
+    (refvllm.eval.shards), continuing from the part files an interrupted run left; the main process then
+    scores everything, writes both files and removes the part files. Returns the metrics dict on the main
+    process (see docs/evaluation.md: ``overall``, ``per_type``, ``bad_samples``, ``scoring``, ``judge`` for
+    Bench-D, ``run``), None on the others.
     """
-    entries = entries if entries is not None else read_eval_file(data, fmt, mode)
+    ctx = ctx or ProcessContext()
+    entries = entries if entries is not None else read_eval_file(
+        data, fmt, mode, engine.cfg.data.prompt.choice_instruction)
     if fmt == "bench-d":
         judge_from_config(engine.cfg.eval)  # a bad judge config fails before minutes of generation
     start = time.perf_counter()
     good = [e for e in entries if isinstance(e, EvalEntry)]
-    generations, skipped = generate_all(engine, good, data_root, ablate_regions, progress)
+    plan = batch_plan(len(good), engine.cfg.eval.batch_size)
+    parts = PartFiles(out, run_key(_answer_settings(engine, data, fmt, mode, ablate_regions, len(entries))))
+    done = parts.read()
+    ctx.barrier()  # every process has read the part files before any appends to them
+    if done and ctx.is_main:
+        print(f"resuming: {len(done)} of {len(plan)} batches already answered ({', '.join(map(str, parts.files()))})",
+              file=sys.stderr)
+    mine = [k for k in range(len(plan)) if k % ctx.world == ctx.rank and k not in done]
+    generate_batches(engine, good, data_root, plan, mine, parts, ctx.rank, ablate_regions, progress and ctx.is_main)
+    ctx.barrier()
+    if not ctx.is_main:
+        return None
+    generations, skipped = collect(parts.read(), plan, good)
     seconds = time.perf_counter() - start
-    records, scored, bad = score_all(entries, generations, skipped)
+    records, scored, bad = score_all(entries, generations, skipped, fmt)
     for b in bad:
         print(f"bad sample {b.index} (id {b.id!r}): {b.reason}", file=sys.stderr)
     metrics = aggregate(scored, _bad_per_type(bad))
     metrics["bad_samples"] = [b.as_dict() for b in bad]
+    metrics["scoring"] = scoring_info(fmt)
     judge = _run_judge(engine, records, fmt, progress)
     if judge is not None:
         metrics["judge"] = judge
-    metrics["run"] = _run_info(engine, data, data_root, fmt, mode, ablate_regions, len(entries), seconds)
+    metrics["run"] = _run_info(engine, data, data_root, fmt, mode, ablate_regions, len(entries), seconds) | {
+        "num_processes": ctx.world, "batches": len(plan), "batches_resumed": len(done)}
     write_predictions(predictions_path(out), records)
     write_metrics(out, metrics)
+    parts.remove()
     return metrics
+
+
+def _answer_settings(engine: RefInference, data, fmt: str, mode: str, ablate_regions: bool, n: int) -> dict:
+    """Everything that decides the answers (the part files' key, refvllm.eval.shards)."""
+    source = Path(engine.source) if engine.source else None
+    stamp = (source / "config.yaml").stat().st_mtime_ns if source and (source / "config.yaml").is_file() else None
+    return {"model": str(source), "model_stamp": stamp, "data": str(Path(data).resolve()), "format": fmt,
+            "mode": mode, "ablate_regions": ablate_regions, "num_entries": n,
+            "generation": engine.generation_kwargs(), "batch_size": engine.cfg.eval.batch_size,
+            "prompt": dataclasses.asdict(engine.cfg.data.prompt), "frames": frame_settings(engine.cfg)}
 
 
 def _run_info(engine: RefInference, data, data_root, fmt: str, mode: str, ablate_regions: bool, n: int,
               seconds: float) -> dict[str, Any]:
     return {"data": str(data), "data_root": str(data_root), "format": fmt, "mode": mode,
+            "choice_rule": choice_rule(fmt),
             "ablate_regions": ablate_regions, "num_entries": n, "num_frames": engine.processor.num_frames,
             "generation": engine.generation_kwargs(), "batch_size": engine.cfg.eval.batch_size,
+            "prompt": dataclasses.asdict(engine.cfg.data.prompt), "frames": frame_settings(engine.cfg),
             "device": str(engine.device), "seconds": round(seconds, 2),
             "samples_per_s": round(n / seconds, 3) if seconds > 0 else None}
 
@@ -202,21 +276,50 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _warn_frame_override(overrides: list[str]) -> None:
-    if any(o.split("=", 1)[0].strip() == "data.num_frames" for o in overrides):
-        print("warning: data.num_frames is overridden: the model sees another frame count than in training",
-              file=sys.stderr)
+# The keys that decide what the model sees of a video besides the prompt text (docs/evaluation.md).
+FRAME_KEYS = ("data.num_frames", "data.default_fps", "data.mask_resize", "model.min_pixels", "model.max_pixels")
+PROMPT_KEYS = ("data.prompt.region", "data.prompt.choice_instruction")
+
+
+def frame_settings(cfg) -> dict[str, Any]:
+    """The values of :data:`FRAME_KEYS` in ``cfg``."""
+    return {key: _get(cfg, key) for key in FRAME_KEYS}
+
+
+def _get(cfg, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def warn_settings_differ(trained, evaluated) -> list[str]:
+    """Warn (stderr) for every frame or prompt setting an evaluation changes from the checkpoint's training
+    config; returns the keys."""
+    changed = [key for key in (*FRAME_KEYS, *PROMPT_KEYS) if _get(trained, key) != _get(evaluated, key)]
+    for key in changed:
+        print(f"warning: {key} is {_get(evaluated, key)!r} here but {_get(trained, key)!r} in training: the model "
+              "sees its inputs otherwise than it was trained on", file=sys.stderr)
+    return changed
 
 
 def main(argv: list[str]) -> int:
+    from refvllm.checkpoint import load_config_of, resolve_model_dir
+
     args = _parser().parse_args(argv)
-    entries = read_eval_file(args.data, args.format, args.mode)  # a bad file fails before the model loads
-    _warn_frame_override(args.overrides)
-    engine = RefInference.from_pretrained(args.model, args.overrides, args.device)
+    ctx = process_context()
+    model_dir = resolve_model_dir(args.model)
+    cfg = load_config_of(model_dir, args.overrides)
+    if ctx.is_main:
+        warn_settings_differ(load_config_of(model_dir), cfg)
+    # a bad file fails before the model loads
+    entries = read_eval_file(args.data, args.format, args.mode, cfg.data.prompt.choice_instruction)
+    engine = RefInference.from_pretrained(model_dir, args.overrides, args.device or ctx.device)
     data_root = args.data_root or str(Path(args.data).parent)
     metrics = evaluate(engine, args.data, data_root, args.out, args.format, args.mode, args.ablate_regions,
-                       not args.no_progress, entries)
-    print(results_table(metrics))
-    print(f"predictions: {predictions_path(args.out)}")
-    print(args.out)
+                       not args.no_progress, entries, ctx)
+    if ctx.is_main:
+        print(results_table(metrics))
+        print(f"predictions: {predictions_path(args.out)}")
+        print(args.out)
     return 0

@@ -143,3 +143,95 @@ def test_user_errors_exit_1_without_traceback(run, tmp_path, capsys):
     code, _, err = _eval(capsys, "--model", run["checkpoint"], "--data", run["eval_file"], "--out",
                          tmp_path / "m.json", "eval.batch_sise=2")
     assert code == 1 and "did you mean 'eval.batch_size'" in err
+
+
+def test_bench_q_headline_uses_the_published_rule_with_refvllm_s_beside_it(run, tmp_path, capsys):
+    out = tmp_path / "q" / "metrics.json"
+    code, stdout, stderr = _eval(capsys, "--model", run["checkpoint"], "--data", run["bench_q"], "--out", out,
+                                 "--format", "bench-q")
+    assert code == 0, stderr
+    metrics = json.loads(out.read_text())
+    assert metrics["run"]["choice_rule"] == "videorefer"
+    assert metrics["scoring"]["accuracy"].startswith("videorefer: the published VideoRefer-Bench-Q scorer")
+    assert metrics["scoring"]["accuracy_refvllm"].startswith("refvllm: ")
+    records = _records(out)
+    for key in ("accuracy_videorefer", "accuracy_refvllm"):
+        rule = key.removeprefix("accuracy_")
+        assert metrics["overall"][key] == pytest.approx(sum(r[f"correct_{rule}"] for r in records) / len(records))
+    assert metrics["overall"]["accuracy"] == metrics["overall"]["accuracy_videorefer"]
+    assert all(r["correct"] is r["correct_videorefer"] for r in records)
+    header = stdout.splitlines()[0].split()
+    assert header[3:5] == ["acc%", "acc%(refvllm)"]
+
+
+def test_prompt_and_frame_settings_come_from_the_checkpoint_and_changes_warn(run, tmp_path, capsys):
+    out = tmp_path / "p" / "metrics.json"
+    code, _, stderr = _eval(capsys, "--model", run["checkpoint"], "--data", run["bench_q"], "--out", out,
+                            "--format", "bench-q", "data.prompt.choice_instruction=Reply with one letter.",
+                            "data.num_frames=4")
+    assert code == 0, stderr
+    assert "warning: data.prompt.choice_instruction is 'Reply with one letter.' here but" in stderr
+    assert "warning: data.num_frames is 4 here but 8 in training" in stderr
+    assert all(r["question"].endswith("\nReply with one letter.") for r in _records(out))
+    metrics = json.loads(out.read_text())
+    assert metrics["run"]["prompt"]["choice_instruction"] == "Reply with one letter."
+    assert metrics["run"]["frames"]["data.num_frames"] == 4
+    code, _, stderr = _eval(capsys, "--model", run["checkpoint"], "--data", run["bench_q"], "--out", out,
+                            "--format", "bench-q")
+    assert code == 0 and "warning:" not in stderr  # the checkpoint's own settings: nothing to warn about
+
+
+def _eval_process(args: list[str], nproc: int = 1, env: dict | None = None):
+    """scripts/eval.py in a subprocess (torchrun with ``nproc`` > 1): the CompletedProcess, output merged."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[2]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                **(env or {})}
+    return subprocess.run([*launcher, str(root / "scripts" / "eval.py"), "--no-progress", *map(str, args)], cwd=root,
+                          env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+
+
+def _without_run(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "run"}
+
+
+def test_two_processes_and_a_resumed_run_write_what_one_process_writes(run, tmp_path, capsys):
+    """The questions in batches of 1 (4 batches): 2 gloo processes take 2 each; a run SIGKILLed after its first
+    batch continues from its part file. Both write the one-process run's predictions and metrics."""
+    from refvllm.eval.shards import KILL_AFTER_BATCHES_ENV
+
+    args = ["--model", run["checkpoint"], "--data", run["eval_file"], "--data-root", run["data_root"]]
+    one = tmp_path / "one" / "metrics.json"
+    code, _, stderr = _eval(capsys, *args, "--out", one, "eval.batch_size=1")
+    assert code == 0, stderr
+    two = tmp_path / "two" / "metrics.json"
+    proc = _eval_process([*args, "--out", two, "eval.batch_size=1"], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.stdout.count("OVERALL") == 1  # one table, from the main process
+    metrics_one, metrics_two = json.loads(one.read_text()), json.loads(two.read_text())
+    assert metrics_two["run"]["num_processes"] == 2 and metrics_two["run"]["batches"] == 4
+    assert _without_run(metrics_two) == _without_run(metrics_one)
+    assert predictions_path(two).read_text() == predictions_path(one).read_text()
+    assert not list(two.parent.glob("*.part-*.jsonl"))  # removed once the results are written
+
+    resumed = tmp_path / "resumed" / "metrics.json"
+    proc = _eval_process([*args, "--out", resumed, "eval.batch_size=1"], env={KILL_AFTER_BATCHES_ENV: "1"})
+    assert proc.returncode == -9, proc.stdout[-3000:]
+    (part,) = resumed.parent.glob("metrics.part-*.jsonl")
+    assert len(part.read_text().splitlines()) == 1 and not resumed.exists()
+    code, _, stderr = _eval(capsys, *args, "--out", resumed, "eval.batch_size=1")
+    assert code == 0, stderr
+    assert "resuming: 1 of 4 batches already answered" in stderr
+    metrics = json.loads(resumed.read_text())
+    assert metrics["run"]["batches_resumed"] == 1 and _without_run(metrics) == _without_run(metrics_one)
+    assert predictions_path(resumed).read_text() == predictions_path(one).read_text()
+
+    assert not part.exists()
+    part.write_text('{"key": "0123456789abcdef", "batch": 0, "results": []}\n')  # left by another evaluation
+    code, _, stderr = _eval(capsys, *args, "--out", resumed, "eval.batch_size=1")
+    assert code == 1 and "holds answers of another evaluation" in stderr and "Traceback" not in stderr

@@ -116,8 +116,8 @@ def test_aggregate_mixed_needs_region_is_none_and_bad_only_type_is_listed():
     metrics = aggregate(items, bad_per_type={"other": 1})
     assert metrics["per_type"]["t"]["needs_region"] is None
     assert metrics["per_type"]["other"] == {
-        "n": 0, "accuracy": None, "n_graded": 0, "exact_match": None, "f1": None, "chance": None,
-        "needs_region": None, "num_bad": 1,
+        "n": 0, "accuracy": None, "accuracy_refvllm": None, "accuracy_videorefer": None, "n_graded": 0,
+        "exact_match": None, "f1": None, "chance": None, "needs_region": None, "num_bad": 1,
     }
 
 
@@ -136,3 +136,64 @@ def test_results_table_and_files(tmp_path):
     write_predictions(predictions_path(out), [{"id": "a", "prediction": "é"}, {"id": "b"}])
     rows = [json.loads(line) for line in predictions_path(out).read_text(encoding="utf-8").splitlines()]
     assert rows == [{"id": "a", "prediction": "é"}, {"id": "b"}]
+
+
+# ------------------------------------------------------------------ Bench-Q: the published rule beside refvllm's
+
+BENCH_Q_OPTIONS = ["(A) A cat sits", "(B) The dog runs", "(C) A bird flies", "(D) The man walks away"]
+
+# (prediction, letter by the published VideoRefer-Bench-Q scorer, letter by refvllm's extractor)
+BENCH_Q_ANSWERS = [
+    ("(B) The dog runs.", "B", "B"),
+    ("B", "B", "B"),
+    ("B.", "B", "B"),
+    ("B) the dog", "B", "B"),
+    ("b", "B", "B"),
+    ("I think (C) is right", "C", "C"),
+    ("D. The man walks away", "D", "D"),
+    ("(A) or (B)", "A", "A"),  # both take the first (X)
+    ("A cat sits", "A", "A"),  # the published rule by its first letter, refvllm by the option's text
+    ("The answer is B.", "T", "B"),  # the published rule reads the first character
+    ("An animal runs", "A", None),  # ... which counts an article as option A
+    ("The dog runs", "T", "B"),  # refvllm matches the option text
+    ("Option B", "O", "B"),
+    ("Answer: C", "A", "C"),
+    ("(b)", "(", "B"),  # the published (X) wants a capital
+    ("B because the dog moves", "B", None),  # refvllm wants a clear choice
+    ("Based on the video, B", "B", None),  # the published rule is right by accident ("B" of "Based")
+    ("...B", "B", None),  # dots removed first
+    ("", None, None),
+    ("C", "C", "C"),
+]
+
+
+@pytest.mark.parametrize("prediction, published, ours", BENCH_Q_ANSWERS)
+def test_both_choice_rules_on_typical_answers(prediction, published, ours):
+    from refvllm.eval.metrics import videorefer_choice
+
+    assert videorefer_choice(prediction) == published
+    assert extract_choice(prediction, BENCH_Q_OPTIONS) == ours
+    score = score_answer(prediction, "(B) The dog runs", BENCH_Q_OPTIONS, choice_rule="videorefer")
+    assert score.correct is (published == "B") and score.correct_videorefer is score.correct
+    assert score.correct_refvllm is (ours == "B") and score.extracted == published
+    assert score_answer(prediction, "(B) The dog runs", BENCH_Q_OPTIONS).correct is (ours == "B")  # default rule
+
+
+def test_the_two_rules_disagree_on_a_third_of_typical_answers_and_both_figures_are_reported():
+    disagree = [p for p, published, ours in BENCH_Q_ANSWERS if (published == "B") != (ours == "B")]
+    assert len(disagree) == 7  # of 20: a figure by one rule cannot sit in a table made by the other
+    items = [Scored("attribute", score_answer(p, "(B) The dog runs", BENCH_Q_OPTIONS, "videorefer"), 0.25, True)
+             for p, _, _ in BENCH_Q_ANSWERS]
+    overall = aggregate(items)["overall"]
+    published_right = sum(published == "B" for _, published, _ in BENCH_Q_ANSWERS)
+    ours_right = sum(ours == "B" for _, _, ours in BENCH_Q_ANSWERS)
+    assert overall["accuracy"] == overall["accuracy_videorefer"] == pytest.approx(published_right / 20)
+    assert overall["accuracy_refvllm"] == pytest.approx(ours_right / 20)
+    assert (published_right, ours_right) == (8, 9)
+
+
+def test_the_published_rule_reads_the_reference_like_the_scorer():
+    from refvllm.eval.metrics import videorefer_reference
+
+    assert videorefer_reference("(C) A bird flies") == "C"
+    assert videorefer_reference("c") == "C"  # no (X): the whole answer, compared case-insensitively

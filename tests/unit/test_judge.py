@@ -11,6 +11,7 @@ from refvllm.errors import ConfigError
 from refvllm.eval.judge import (
     DIMENSIONS,
     NO_JUDGE_MESSAGE,
+    PROMPT_VERSION,
     JudgeClient,
     JudgeReplyError,
     judge_from_config,
@@ -146,10 +147,14 @@ def test_judge_predictions_summary_records_settings_and_failures(monkeypatch):
                                  "eval.judge_max_retries=1"])
         client = judge_from_config(cfg.eval, sleep=lambda s: None)
         records = [{"reference": "r1", "prediction": "p1"}, {"reference": "r2", "prediction": "p2"}]
-        summary = judge_predictions(client, records)
+        summary = judge_predictions(client, records, num_entries=4)  # 2 more entries had no description
     assert stub.requests[0]["auth"] == "Bearer secret"
+    assert len(stub.requests) == 3  # the unparsable reply was retried (max_retries=1), then counted as failed
     assert summary["model"] == "judge-x" and summary["temperature"] == 0.0
-    assert summary["n_scored"] == 1 and summary["n_failed"] == 1
+    assert summary["prompt_version"] == PROMPT_VERSION and len(summary["prompt_sha1"]) == 12
+    assert summary["n_scored"] == 1 and summary["n_failed"] == 1 and summary["n_entries"] == 4
+    assert summary["coverage"] == 0.25  # never a silently smaller denominator: the coverage says what was scored
     assert summary["scores"]["appearance"] == 3.0
     assert summary["average"] == pytest.approx((4 + 3 + 2.5 + 5) / 4)
+    assert summary["average_failed_as_zero"] == pytest.approx((4 + 3 + 2.5 + 5) / 4 / 4)
     assert set(records[0]["judge"]) == set(DIMENSIONS) and "error" in records[1]["judge"]

@@ -303,3 +303,22 @@ def test_the_data_package_does_not_import_the_model_package():
             "bad = sorted(m for m in sys.modules if m.startswith('refvllm.model')); print(bad); sys.exit(bool(bad))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_region_format_writes_text_around_the_region_tokens_and_the_estimate_counts_it(chatml):
+    """data.prompt.region: "[obj {region}]" puts text around each object's tokens, the same in training items
+    and in generation prompts; the length estimate counts it like the encoded item."""
+    processor = make_processor(chatml)
+    processor.region_format = "[obj {region}]"
+    decoded = make_decoded(MULTI_TURN, [[0], [1, 2, 3], [2], [3]])
+    item = processor.encode(decoded)
+    ids = item["input_ids"].tolist()
+    starts = [i for i, t in enumerate(ids) if t == REGION_TOKEN_ID and ids[i - 1] != REGION_TOKEN_ID]
+    for start in starts:  # every run of region tokens has "[obj " before it and "]" after it
+        assert chatml.decode(ids[start - 6:start]).endswith("[obj ")
+        end = start + next(k for k, t in enumerate(ids[start:]) if t != REGION_TOKEN_ID)
+        assert chatml.decode(ids[end:end + 1]).startswith("]")
+    prompt = processor.encode_prompt(decoded)["input_ids"].tolist()
+    assert prompt == ids[:len(prompt)]  # the prompt is still the prefix of the training sequence
+    assert processor.estimate_tokens(decoded.sample) == len(ids)
+    assert len(ids) > len(make_processor(chatml).encode(decoded)["input_ids"])
