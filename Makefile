@@ -45,6 +45,8 @@ train: $(STAMP)
 	$(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_process $$(nproc) scripts/train.py \
 		--config $(DEMO_CONFIG)
 
+# BENCH_Q=FILE [BENCH_Q_ROOT=DIR]: also a VideoRefer-Bench-Q file, single- and multi-frame mode, each table with
+# the published scorer's accuracy and refvllm's extractor's beside it (docs/evaluation.md).
 # Evaluates the newest demo checkpoint on the eval split and on a fresh split generated with another seed, each
 # as is and with the region tokens zeroed (--ablate-regions). 120 questions per type: a region-blind guesser
 # then lands within 10 points of chance with high probability (one standard deviation is 4 points at 25%).
@@ -60,6 +62,10 @@ eval: $(STAMP)
 		--data-root $(DEMO_DIR)/data_seed1 --out $(DEMO_DIR)/eval/metrics_seed1_ablated.json --ablate-regions
 	$(BIN)/refvllm region-check $(DEMO_DIR)/eval/metrics.json $(DEMO_DIR)/eval/metrics_ablated.json \
 		$(DEMO_DIR)/eval/metrics_seed1.json $(DEMO_DIR)/eval/metrics_seed1_ablated.json
+	if [ -n "$(BENCH_Q)" ]; then for mode in single multi; do \
+		$(BIN)/refvllm eval --model $(DEMO_DIR)/train --data $(BENCH_Q) --format bench-q --mode $$mode \
+			--data-root $(or $(BENCH_Q_ROOT),$(dir $(BENCH_Q))) --out $(DEMO_DIR)/eval/bench_q_$$mode.json || exit 1; \
+	done; fi
 
 # pytest exits 5 when no test was collected: not a failure of the suite.
 test: $(STAMP)

@@ -14,6 +14,13 @@ last ``gpt`` turn being the reference answer, ``annotation`` one dict per object
 - ``bench-d`` (VideoRefer-Bench-D): ``video``, ``caption`` (the reference description), ``frame_idx``,
   ``annotation`` (32 masked frames per object). The prompt asks to describe the ``<region>`` object(s).
 
+- ``caption`` (region captioning, e.g. HC-STVG region captioning): ``video`` or ``image``, the reference
+  ``caption`` (a string) or ``captions`` (a list of strings), and the objects as ``annotation`` or as
+  ``boxes`` (per object ``{frame index: [x1, y1, x2, y2]}`` in pixels of ``height`` x ``width`` or of the
+  media, each read as a 4-point polygon); optional ``question`` (the prompt, with one ``<region>`` per object;
+  default: the Bench-D request), ``type``, ``frame_idx``. Scored by BLEU-4, ROUGE-L and CIDEr-D
+  (:mod:`refvllm.eval.captioning`).
+
 Mode ``multi`` keeps every mask of the annotation; mode ``single`` keeps, per object, only the mask at
 ``frame_idx`` (an object without a mask there is a bad sample).
 
@@ -24,18 +31,19 @@ type when known, reason), and the evaluation reports and counts it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from refvllm.config import PromptConfig
-from refvllm.constants import REGION_PLACEHOLDER, VIDEO_PLACEHOLDER
+from refvllm.constants import IMAGE_PLACEHOLDER, REGION_PLACEHOLDER, VIDEO_PLACEHOLDER
 from refvllm.errors import DataError
 
-FORMATS = ("seed", "bench-q", "bench-d")
+FORMATS = ("seed", "bench-q", "bench-d", "caption")
 MODES = ("multi", "single")
 CHOICE_INSTRUCTION = PromptConfig.choice_instruction  # the default of data.prompt.choice_instruction
-DESCRIBE_TYPE = "description"  # the question type given to Bench-D entries (it has no types)
+DESCRIBE_TYPE = "description"  # the question type given to Bench-D and untyped caption entries
 UNTYPED = "all"  # the type of seed samples that carry none
 
 
@@ -145,10 +153,12 @@ def _require(entry: dict[str, Any], keys: tuple[str, ...]) -> None:
         raise DataError(f"missing key(s) {', '.join(repr(k) for k in missing)}")
 
 
-def _seed_raw(entry: dict[str, Any], prompt: str, answer: str, annotation: Any) -> dict[str, Any]:
+def _seed_raw(entry: dict[str, Any], prompt: str, answer: str, annotation: Any, media: str = "video"
+              ) -> dict[str, Any]:
     """A seed-format sample: one human turn (media placeholder + prompt) and the reference as the gpt turn."""
-    raw = {"id": entry.get("id"), "video": entry["video"], "annotation": annotation, "conversations": [
-        {"from": "human", "value": f"{VIDEO_PLACEHOLDER}\n{prompt}"},
+    placeholder = VIDEO_PLACEHOLDER if media == "video" else IMAGE_PLACEHOLDER
+    raw = {"id": entry.get("id"), media: entry[media], "annotation": annotation, "conversations": [
+        {"from": "human", "value": f"{placeholder}\n{prompt}"},
         {"from": "gpt", "value": answer},
     ]}
     for key in ("height", "width"):
@@ -162,12 +172,13 @@ def choice_prompt(question: str, options: list[str], instruction: str = CHOICE_I
     return "\n".join([question.strip(), *[str(o).strip() for o in options], *([instruction] if instruction else [])])
 
 
-def describe_prompt(num_objects: int) -> str:
+def describe_prompt(num_objects: int, media: str = "video") -> str:
     """The Bench-D request: describe the highlighted object(s), one ``<region>`` per object."""
+    where = "video" if media == "video" else "image"
     if num_objects == 1:
-        return f"Please give a detailed description of the highlighted object {REGION_PLACEHOLDER} in the video."
+        return f"Please give a detailed description of the highlighted object {REGION_PLACEHOLDER} in the {where}."
     regions = ", ".join([REGION_PLACEHOLDER] * num_objects)
-    return f"Please give a detailed description of the highlighted objects {regions} in the video."
+    return f"Please give a detailed description of the highlighted objects {regions} in the {where}."
 
 
 def _check_options(options: Any) -> list[str]:
@@ -201,6 +212,58 @@ def bench_d_entry(entry: dict[str, Any], index: int, mode: str) -> EvalEntry:
                      needs_region=True, extra=extra)
 
 
+def _box_annotation(boxes: Any) -> list[dict[str, Any]]:
+    """``boxes`` (per object ``{frame: [x1, y1, x2, y2]}``) as seed annotation objects of 4-point polygons."""
+    if not isinstance(boxes, list) or not boxes:
+        raise DataError("'boxes' must be a non-empty list of objects, each {frame index: [x1, y1, x2, y2]}")
+    annotation = []
+    for k, obj in enumerate(boxes):
+        if not isinstance(obj, dict) or not obj:
+            raise DataError(f"object {k} of 'boxes' must map frame indices to [x1, y1, x2, y2]")
+        frames = {}
+        for frame, box in obj.items():
+            numbers = isinstance(box, list) and len(box) == 4 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+            if not numbers or box[2] <= box[0] or box[3] <= box[1]:
+                raise DataError(f"object {k} frame {frame}: a box must be [x1, y1, x2, y2] with x2 > x1, y2 > y1; "
+                                f"got {box!r:.80}")
+            x1, y1, x2, y2 = (float(v) for v in box)
+            frames[str(frame)] = {"segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]]}
+        annotation.append(frames)
+    return annotation
+
+
+def _captions(entry: dict[str, Any]) -> list[str]:
+    refs = entry["captions"] if "captions" in entry else [entry.get("caption")]
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
+        raise DataError("'caption' must be a non-empty string, or 'captions' a non-empty list of them")
+    return refs
+
+
+def caption_entry(entry: dict[str, Any], index: int, mode: str) -> EvalEntry:
+    """A region-captioning entry as an :class:`EvalEntry`: the reference is its first caption, all of them are
+    kept for the corpus metrics (``extra["captions"]``)."""
+    media = "video" if "video" in entry else "image"
+    _require(entry, (media,))
+    if ("annotation" in entry) == ("boxes" in entry):
+        raise DataError("a caption entry needs its objects as 'annotation' or as 'boxes' (one of the two)")
+    refs = _captions(entry)
+    annotation = entry["annotation"] if "annotation" in entry else _box_annotation(entry["boxes"])
+    annotation = select_mode(annotation, entry, mode)
+    if not isinstance(annotation, list) or not annotation:
+        raise DataError("'annotation' must be a non-empty list of objects")
+    question = entry.get("question")
+    if question is not None and (not isinstance(question, str) or
+                                 question.count(REGION_PLACEHOLDER) != len(annotation)):
+        raise DataError(f"'question' must be a string with one {REGION_PLACEHOLDER} per object "
+                        f"({len(annotation)}); got {question!r:.80}")
+    prompt = question or describe_prompt(len(annotation), media)
+    raw = _seed_raw(entry, prompt, refs[0], annotation, media)
+    extra = {media: entry[media], "captions": refs, "frame_idx": entry.get("frame_idx")}
+    qtype = DESCRIBE_TYPE if entry.get("type") is None else str(entry["type"])
+    return EvalEntry(index, _entry_id(entry, index), qtype, raw, refs[0], None, needs_region=True, extra=extra)
+
+
 def seed_entry(entry: dict[str, Any], index: int, mode: str) -> EvalEntry:
     """A seed-format sample as an :class:`EvalEntry`: the last (assistant) turn is the reference."""
     _require(entry, ("conversations",))
@@ -226,7 +289,7 @@ def seed_entry(entry: dict[str, Any], index: int, mode: str) -> EvalEntry:
                      options, chance=chance, needs_region=needs_region)
 
 
-_READERS = {"seed": seed_entry, "bench-q": bench_q_entry, "bench-d": bench_d_entry}
+_READERS = {"seed": seed_entry, "bench-q": bench_q_entry, "bench-d": bench_d_entry, "caption": caption_entry}
 
 
 def _type_of(entry: dict[str, Any]) -> str:
@@ -247,7 +310,8 @@ def to_entry(record: Any, index: int, fmt: str, mode: str,
         entry = (reader(record, index, mode, choice_instruction) if reader is bench_q_entry
                  else reader(record, index, mode))
     except DataError as e:
-        qtype = DESCRIBE_TYPE if fmt == "bench-d" else record.get("type")
+        qtype = DESCRIBE_TYPE if fmt == "bench-d" or (fmt == "caption" and record.get("type") is None) \
+            else record.get("type")
         return BadEntry(index, _entry_id(record, index), None if qtype is None else str(qtype), e.reason)
     entry.raw["id"] = entry.id
     return entry

@@ -58,6 +58,11 @@ def results_table(metrics: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in [header, *rows]]
     lines.insert(1, "-" * len(lines[0]))
+    captioning = metrics.get("captioning")
+    if captioning and captioning["overall"]["n"]:
+        c = captioning["overall"]
+        lines.append(f"captioning: BLEU-4={_fmt(c['bleu4'])} ROUGE-L={_fmt(c['rouge_l'])} CIDEr-D={_fmt(c['cider'])} "
+                     f"n={c['n']} coverage={_fmt(c['coverage'], True)}%")
     judge = metrics.get("judge")
     if judge and judge.get("scores"):
         parts = [f"{k}={_fmt(v)}" for k, v in judge["scores"].items()]

@@ -227,6 +227,8 @@ def evaluate(engine: RefInference, data: str | Path, data_root: str | Path, out:
     metrics = aggregate(scored, _bad_per_type(bad))
     metrics["bad_samples"] = [b.as_dict() for b in bad]
     metrics["scoring"] = scoring_info(fmt)
+    if fmt == "caption":
+        metrics["captioning"] = captioning_summary(records)
     judge = _run_judge(engine, records, fmt, progress)
     if judge is not None:
         metrics["judge"] = judge
@@ -236,6 +238,25 @@ def evaluate(engine: RefInference, data: str | Path, data_root: str | Path, out:
     write_metrics(out, metrics)
     parts.remove()
     return metrics
+
+
+def captioning_summary(records: list[dict]) -> dict[str, Any]:
+    """BLEU-4, ROUGE-L and CIDEr-D (refvllm.eval.captioning) of the answered caption entries, overall and per
+    type, with ``coverage``: answered / all entries (a bad entry is counted there, never silently dropped)."""
+    from refvllm.eval.captioning import caption_metrics
+
+    answered = [r for r in records if "prediction" in r]
+    by_type: dict[str, list[dict]] = {}
+    for r in answered:
+        by_type.setdefault(r["type"], []).append(r)
+
+    def summary(rs: list[dict]) -> dict[str, Any]:
+        return caption_metrics([r["prediction"] for r in rs], [r["captions"] for r in rs])
+
+    return {"overall": summary(answered) | {"coverage": len(answered) / len(records) if records else None},
+            "per_type": {t: summary(rs) for t, rs in sorted(by_type.items())},
+            "metrics": "BLEU-4, ROUGE-L, CIDEr-D as pycocoevalcap computes them; tokens: lower-cased, punctuation "
+                       "removed (not the PTB tokenizer); no METEOR (refvllm.eval.captioning)"}
 
 
 def _answer_settings(engine: RefInference, data, fmt: str, mode: str, ablate_regions: bool, n: int) -> dict:

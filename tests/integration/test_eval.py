@@ -235,3 +235,30 @@ def test_two_processes_and_a_resumed_run_write_what_one_process_writes(run, tmp_
     part.write_text('{"key": "0123456789abcdef", "batch": 0, "results": []}\n')  # left by another evaluation
     code, _, stderr = _eval(capsys, *args, "--out", resumed, "eval.batch_size=1")
     assert code == 1 and "holds answers of another evaluation" in stderr and "Traceback" not in stderr
+
+
+def test_region_captioning_format_is_scored_by_bleu_rouge_and_cider(run, tmp_path, capsys):
+    from refvllm.eval.captioning import caption_metrics
+
+    entries = [
+        {"id": "box", "video": "clips/c0", "captions": ["A red square slides right.", "A red box moves right."],
+         "boxes": [{"0": [0, 24, 16, 40], "8": [8, 24, 24, 40], "16": [16, 24, 32, 40]}], "type": "action"},
+        {"id": "mask", "video": "clips/c0", "caption": "A red square moves to the right.",
+         "annotation": json.loads(run["bench_d"].read_text())[0]["annotation"]},
+        {"id": "bad", "video": "clips/c0", "caption": "No objects."},
+    ]
+    data = run["bench_q"].parent / "captions.json"
+    data.write_text(json.dumps(entries))
+    out = tmp_path / "cap" / "metrics.json"
+    code, stdout, stderr = _eval(capsys, "--model", run["checkpoint"], "--data", data, "--out", out,
+                                 "--format", "caption")
+    assert code == 0, stderr
+    metrics = json.loads(out.read_text())
+    records = _records(out)
+    answered = [r for r in records if "prediction" in r]
+    assert [r["id"] for r in answered] == ["box", "mask"] and "error" in records[2]
+    expected = caption_metrics([r["prediction"] for r in answered], [r["captions"] for r in answered])
+    assert {k: metrics["captioning"]["overall"][k] for k in expected} == expected
+    assert metrics["captioning"]["overall"]["coverage"] == pytest.approx(2 / 3)
+    assert set(metrics["captioning"]["per_type"]) == {"action", "description"}
+    assert "captioning: BLEU-4=" in stdout and "coverage=66.7%" in stdout
