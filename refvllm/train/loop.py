@@ -62,6 +62,7 @@ class Run:
     metrics: MetricsWriter | None = None
     consumed: int = 0  # micro-batches this process took from the loader since it started (resume: since there)
     resumed_from: Path | None = None
+    elastic: bool = False  # resumed on another process count (exact in data, not bitwise: _check_resumable)
     trainable: list = field(default_factory=list)
     dummy_batch: dict | None = None  # stands in for a micro-batch whose samples were all skipped
 
@@ -189,15 +190,41 @@ def load_checkpoint_state(run: Run, path: Path) -> None:
 
 
 def _check_resumable(run: Run, state: ckpt.TrainerState, path: Path) -> None:
-    """Exact resume needs the same processes and batch shape; anything else is refused, not approximated."""
+    """Exact resume needs the same micro-batches and the same global batch; anything else is refused, not
+    approximated. On another process count (elastic resume) ``train.grad_accum`` is recomputed so that every
+    step takes the same global micro-batches as before (accumulation x processes unchanged): the data order
+    continues exactly, the numerics are not bitwise (other reductions, and fresh per-process RNG streams)."""
     t, n = run.cfg.train, run.accelerator.num_processes
-    have = (state.world_size, state.micro_batch_size, state.grad_accum)
-    want = (n, t.micro_batch_size, t.grad_accum)
-    if have != want:
-        raise ConfigError(f"train.resume: '{path}' was written with (processes, train.micro_batch_size, "
-                          f"train.grad_accum) = {have}, this run has {want}; resume with the same values")
+    if state.micro_batch_size != t.micro_batch_size:
+        raise ConfigError(f"train.resume: '{path}' was written with train.micro_batch_size="
+                          f"{state.micro_batch_size}, this run has {t.micro_batch_size}; resume with the same value")
     if state.step > t.max_steps:
         raise ConfigError(f"train.resume: '{path}' is at step {state.step}, past train.max_steps={t.max_steps}")
+    if state.world_size == n:
+        if state.grad_accum != t.grad_accum:
+            raise ConfigError(f"train.resume: '{path}' was written with train.grad_accum={state.grad_accum}, this "
+                              f"run has {t.grad_accum}; resume with the same value")
+        return
+    per_step = state.grad_accum * state.world_size  # global micro-batches per optimizer step
+    if per_step % n:
+        raise ConfigError(f"train.resume: '{path}' takes {per_step} micro-batches per step ({state.world_size} "
+                          f"processes x train.grad_accum={state.grad_accum}), which {n} processes cannot share "
+                          f"evenly; resume on a process count that divides {per_step}")
+    if is_deepspeed(run.accelerator):
+        raise ConfigError(f"train.resume: '{path}' was written by {state.world_size} processes; DeepSpeed's "
+                          f"partitioned optimizer state resumes on the same count only (this run has {n})")
+    accum = per_step // n
+    if t.grad_accum not in (state.grad_accum, accum):
+        raise ConfigError(f"train.resume: resuming {state.world_size}-process '{path}' on {n} processes needs "
+                          f"train.grad_accum={accum} (the same global batch); this run sets {t.grad_accum}")
+    if run.accelerator.is_main_process:
+        print(f"elastic resume: {state.world_size} -> {n} processes, train.grad_accum {state.grad_accum} -> "
+              f"{accum} (global batch {per_step} micro-batches of {t.micro_batch_size}); the data order continues "
+              "exactly, the numerics are not bitwise those of an uninterrupted run", flush=True)
+    t.grad_accum = accum
+    run.accelerator.gradient_accumulation_steps = accum  # its loss division and gradient sync follow this
+    state.world_size, state.grad_accum = n, accum
+    run.elastic = True
 
 
 # ---------------------------------------------------------------------------------------------------- fit
@@ -209,8 +236,12 @@ def fit(run: Run) -> dict:
 
     cfg, acc, state = run.cfg, run.accelerator, run.state
     batches = iter(run.loader)
-    if run.resumed_from is not None:
+    if run.resumed_from is not None and not run.elastic:
         ckpt.load_rng(run.resumed_from, acc.process_index)  # after the loader started: the stream continues here
+    elif run.elastic:  # the old per-process streams do not map onto the new processes: fresh ones, per step
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.train.seed + 1_000_003 * state.step + acc.process_index)
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not acc.is_main_process,
                desc="train", dynamic_ncols=True, file=sys.stdout)
     start, first_step, last_saved = time.perf_counter(), state.step, None

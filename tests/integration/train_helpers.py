@@ -87,3 +87,27 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     for name in a:
         assert a[name].dtype == b[name].dtype, name
         assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), f"{name} differs"
+
+
+def run_training_nodes(args: list[str], nodes: int, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Run scripts/train.py as ``nodes`` "nodes" of 1 process on this machine: one torchrun launcher per node
+    (``--nnodes``, ``--node_rank``, a static rendezvous on 127.0.0.1), started together, as a multi-node job
+    starts one launcher per node. Returns each launcher's CompletedProcess (output merged)."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
+                               "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",
+                               f"--master_port={port}", str(TRAIN_SCRIPT), "--config",
+                               str(ROOT / "configs" / "demo.yaml"), *args],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(nodes)]
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out))
+    return results
