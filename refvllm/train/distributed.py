@@ -72,6 +72,13 @@ def fill_deepspeed_config(ds_config: dict, cfg: Config, world_size: int) -> dict
 def prepare_deepspeed_plugin(accelerator, cfg: Config) -> None:
     """Before ``accelerator.prepare``: fill the plugin's DeepSpeed config (no data loader is prepared)."""
     if is_deepspeed(accelerator):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if accelerator.num_processes != world:
+            # Seen on CPU (accelerate 1.15): each DeepSpeed process's Accelerator reports itself alone, and the
+            # batch size filled for 1 process fails DeepSpeed's own check with an assertion traceback.
+            raise ConfigError(f"DeepSpeed was launched with {world} processes but accelerate reports "
+                              f"{accelerator.num_processes} (accelerate does not join DeepSpeed processes on CPU); "
+                              "run DeepSpeed on GPUs, or 1 process on CPU, or use DDP (torchrun) on CPU")
         fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, accelerator.num_processes)
 
 

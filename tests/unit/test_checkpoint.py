@@ -122,6 +122,26 @@ def test_fill_deepspeed_config():
         fill_deepspeed_config({"gradient_accumulation_steps": 2}, cfg, world_size=8)
 
 
+def test_a_deepspeed_launch_accelerate_did_not_join_is_one_clear_error(monkeypatch):
+    """accelerate 1.15 on CPU: every DeepSpeed process's Accelerator reports 1 process under a 2-process launch
+    (found running ZeRO-3 on CPU); refvllm says so instead of DeepSpeed's batch-size assertion."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from refvllm.train.distributed import prepare_deepspeed_plugin
+
+    plugin = SimpleNamespace(deepspeed_config={})
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1,
+                                  state=SimpleNamespace(deepspeed_plugin=plugin))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="launched with 2 processes but accelerate reports 1"):
+        prepare_deepspeed_plugin(accelerator, load_config(None, []))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    prepare_deepspeed_plugin(accelerator, load_config(None, []))
+    assert plugin.deepspeed_config["train_batch_size"] == 1
+
+
 def test_metrics_writer_truncates_on_resume_and_plots(tmp_path):
     writer = MetricsWriter(tmp_path, enabled=True, tensorboard=True)
     for step in range(1, 6):
