@@ -83,13 +83,14 @@ def prepare_deepspeed_plugin(accelerator, cfg: Config) -> None:
 
 
 @contextlib.contextmanager
-def gathered(accelerator, params: list[torch.nn.Parameter]) -> Iterator[None]:
+def gathered(accelerator, params: list[torch.nn.Parameter], write: bool = False) -> Iterator[None]:
     """Inside the block, ``params`` hold their full values on every rank (ZeRO-3 gathers them; elsewhere a no-op).
-    Collective under ZeRO-3: every rank must enter it."""
+    ``write``: what rank 0 writes into them is partitioned back on exit (loading weights into a ZeRO-3 model);
+    otherwise read-only. Collective under ZeRO-3: every rank must enter it."""
     if is_deepspeed(accelerator) and any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):  # read-only
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if write else None):
             yield
     else:
         yield

@@ -178,7 +178,11 @@ def load_checkpoint_state(run: Run, path: Path) -> None:
     ``accelerator.prepare``). The RNG states are restored later, when the loop starts (:func:`fit`)."""
     state = ckpt.TrainerState.load(path / fmt.TRAINER_STATE_FILE)
     _check_resumable(run, state, path)
-    fmt.load_trained_weights(run.raw, path)
+    # Under ZeRO-3 the weights are partitioned since from_pretrained (zero3_init_flag): gather the trained ones
+    # to full size, load them, and let the gather partition them back.
+    trained = [p for p in run.raw.parameters() if p.requires_grad] + fmt.extra_trainable_params(run.raw)
+    with gathered(run.accelerator, trained, write=True):
+        fmt.load_trained_weights(run.raw, path)
     if not is_deepspeed(run.accelerator):
         run.optimizer.load_state_dict(ckpt.load_torch_state(path / fmt.OPTIMIZER_FILE))
     run.scheduler.load_state_dict(ckpt.load_torch_state(path / fmt.SCHEDULER_FILE))
