@@ -192,6 +192,19 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Ten
     return token_loss / denom
 
 
+def decoder_and_head(lm):
+    """``(decoder, head)`` of a (PEFT-wrapped or plain) transformers causal LM: what its own forward runs before
+    and after it slices positions (``self.model``, ``get_output_embeddings()``; LoRA layers injected in either
+    stay in the path), so the head can run at exactly the label positions; None for a model whose forward does
+    more than ``head(hidden)`` (logit soft-capping or scaling) or lacks the two."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    decoder, head = getattr(base, "model", None), base.get_output_embeddings()
+    return (decoder, head) if decoder is not None and head is not None else None
+
+
 def attention_implementation(lm) -> str:
     """The attention backend the (PEFT-wrapped or plain) transformers model was built with."""
     return getattr(lm.config, "_attn_implementation", None) or "eager"
@@ -207,7 +220,9 @@ def causal_lm_pass(lm, embeds: torch.Tensor, attention_mask: torch.Tensor, label
     :func:`rows_for` the LM's attention backend); an mRoPE model then gets [1 + A, R, C], the per-sample text
     positions first (transformers' convention for packed mRoPE inputs: its mask creation reads them). Loss and
     gradients equal the padded pass's to float tolerance. Logits: [B, L, V] (``logits_at="all"``, packed ones
-    unpacked, zeros at padding), else [B or R, K, V] at the kept positions (see :func:`label_positions`).
+    unpacked, zeros at padding); with ``logits_at="labels"`` [1, T, V] at exactly the T positions with a target
+    (row-major, padded or packed rows alike: :func:`decoder_and_head`), or, for a model that cannot be split
+    there, [B or R, K, V] at the positions where any row has one (:func:`label_positions`).
     """
     targets = None if labels is None else shifted_targets(labels)
     kwargs = {"attention_mask": attention_mask}
@@ -222,7 +237,14 @@ def causal_lm_pass(lm, embeds: torch.Tensor, attention_mask: torch.Tensor, label
         kwargs["position_ids"] = packing.position_ids if position_ids is None else torch.cat(
             [packing.position_ids[None], packing.pack(position_ids.permute(1, 2, 0)).permute(2, 0, 1)])
     keep = label_positions(targets, logits_at, embeds.device)
-    if keep is not None:
+    split = decoder_and_head(lm) if keep is not None else None
+    if split is not None:  # the head at exactly the label positions, row by row: [1, T, V]
+        decoder, head = split
+        hidden = decoder(inputs_embeds=embeds, use_cache=False, **kwargs).last_hidden_state
+        where = (targets != IGNORE_INDEX).to(hidden.device)
+        logits = head(hidden[where])[None]
+        return next_token_loss(logits, targets.to(hidden.device)[where][None], None, loss_normalizer), logits
+    if keep is not None:  # the LLM's own logits_to_keep: the positions where any row has a label
         kwargs["logits_to_keep"] = keep
     logits = lm(inputs_embeds=embeds, use_cache=False, **kwargs).logits
     loss = None if targets is None else next_token_loss(logits, targets, keep, loss_normalizer)

@@ -199,9 +199,9 @@ class RefVLM(nn.Module):
         ``loss_normalizer`` when given, else their mean), and logits.
 
         ``logits_at="all"``: logits [B, L, V] at every position (as a Hugging Face causal LM). ``"labels"`` (the
-        trainer's): the LM head and the cross-entropy run only at the positions that predict a label (the union
-        over the batch's rows: [B, K, V], K = positions where any row has a label; ``logits`` is then that
-        tensor), through the LLM's own ``logits_to_keep``, so a LoRA on the head stays in the path. The loss
+        trainer's): the LM head and the cross-entropy run only at the T positions that predict a label
+        (``logits`` [1, T, V], row-major), the LLM's decoder and then its own head module, so a LoRA on the head
+        stays in the path (refvllm.model.packing.causal_lm_pass). The loss
         and its gradients are those of ``"all"`` (test_model); the memory is not: 3.5k positions x 151,936
         vocabulary entries in float32 are 2 GB, the ~60 label positions of a referring answer 36 MB.
 
