@@ -1,7 +1,7 @@
 """Training throughput: the peer stack (plain transformers + peft, padded) against refvllm's own training step,
 on the same samples and global batch (docs/performance.md, "Training throughput").
 
-    python benchmarks/train_throughput.py --preset cpu    [--out runs/bench/throughput]   # ~4 min on 2 cores
+    python benchmarks/train_throughput.py --preset cpu    [--out runs/bench/throughput]   # ~5 min on 2 cores
     python benchmarks/train_throughput.py --preset h200                                     # one GPU, < 8 min
 
 Models are built on the spot from real configs at reduced depth (random weights, no download):
@@ -23,8 +23,8 @@ Cases, each in a fresh process (its own peak memory), each timing the same globa
 
 Effective tokens/s = non-padding tokens of the global batch / step time: on the h200 preset the median of 3
 timed steps after a warm-up step; on the cpu preset the faster of its 2 steps (no warm-up, to stay near 5
-minutes: a first step's one-off costs count in every case; the faster of two because this machine's noise
-only ever slows a step, and a single timed step once took twice its rerun's time).
+minutes; the faster of two because this machine's noise only ever slows a step, and a single timed step once
+took twice its rerun's time).
 MFU = model FLOPs / (time x peak), with the model FLOPs of a
 frozen-base LoRA step (no weight gradients for the base; LoRA's own FLOPs and recomputation not counted):
     4 x P_body x T  +  6 x layers x d_model x sum_i n_i^2  +  6 x V x d_model x T_label
