@@ -351,7 +351,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
-def _get(cfg: Config, key: str) -> Any:
+def config_value(cfg: Config, key: str) -> Any:
+    """The value of dotted ``key`` (e.g. ``data.num_frames``) in ``cfg``."""
     node: Any = cfg
     for part in key.split("."):
         node = getattr(node, part)
@@ -519,8 +520,8 @@ def _check_cross_field(cfg: Config) -> None:
     _check_model_source(cfg)
     if d.synth.enabled:  # the data is written to out_dir and then read as train_file (its train.json)
         for key in ("data.synth.out_dir", "data.train_file"):
-            if not _get(cfg, key).strip():
-                raise _bad(key, "non-empty with data.synth.enabled", _get(cfg, key))
+            if not config_value(cfg, key).strip():
+                raise _bad(key, "non-empty with data.synth.enabled", config_value(cfg, key))
     if cfg.eval.judge_endpoint and not cfg.eval.judge_model.strip():
         raise _bad("eval.judge_model", "non-empty (the judge model's name) when eval.judge_endpoint is set",
                    cfg.eval.judge_model)
@@ -538,15 +539,15 @@ def _check_model_source(cfg: Config) -> None:
     m = cfg.model
     if m.vlm_path.strip():
         for key in ("model.vision_path", "model.llm_path", "model.vision_revision", "model.llm_revision"):
-            if _get(cfg, key):
+            if config_value(cfg, key):
                 raise ConfigError(f"config keys 'model.vlm_path' and '{key}' are both set: a model is one pretrained "
                                   "VLM (vlm_path) or assembled from a vision encoder and an LLM (vision_path + "
                                   "llm_path), not both")
         default = Config().model
         for key in _ASSEMBLED_ONLY:
-            if _get(cfg, key) != _get(Config(), key):
+            if config_value(cfg, key) != config_value(Config(), key):
                 raise ConfigError(f"config key '{key}' does not apply with model.vlm_path (a pretrained VLM keeps its "
-                                  f"own vision encoder and merger); remove it (got {_get(cfg, key)!r})")
+                                  f"own vision encoder and merger); remove it (got {config_value(cfg, key)!r})")
         if m.train_vision == "lora" or default.vision_lora != m.vision_lora:
             raise ConfigError("config key 'model.train_vision' must be frozen or full with model.vlm_path (LoRA goes "
                               "on the language model; the vision encoder is frozen or fully trained)"
@@ -560,13 +561,13 @@ def _check_model_source(cfg: Config) -> None:
         raise ConfigError("config key 'model.region.features' applies to a pretrained VLM (model.vlm_path) only; "
                           "the assembled family pools its vision tower's patch features")
     for key in ("model.min_pixels", "model.max_pixels"):
-        if _get(cfg, key):
+        if config_value(cfg, key):
             raise ConfigError(f"config key '{key}' applies to a pretrained VLM (model.vlm_path) only; the assembled "
                               "family resizes frames to its vision tower's image size")
     if m.tiny:  # the tiny checkpoints are written at these paths
         for key in ("model.vision_path", "model.llm_path"):
-            if not _get(cfg, key).strip():
-                raise _bad(key, "non-empty with model.tiny (where the tiny checkpoint goes)", _get(cfg, key))
+            if not config_value(cfg, key).strip():
+                raise _bad(key, "non-empty with model.tiny (where the tiny checkpoint goes)", config_value(cfg, key))
 
 
 def validate_config(cfg: Config) -> None:
@@ -577,7 +578,7 @@ def validate_config(cfg: Config) -> None:
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             raise _bad(key, "finite", value)
     for key, allowed in _RULES:
-        value = _get(cfg, key)
+        value = config_value(cfg, key)
         if not allowed.ok(value):
             raise _bad(key, allowed.text, value)
     try:

@@ -74,14 +74,12 @@ def _cache_file(index, processor) -> Path | None:
 
 
 def _compute(dataset, log) -> np.ndarray:
-    from refvllm.data.schema import parse_sample
-
     n, processor = len(dataset.index), dataset.processor
     lengths = np.ones(n, dtype=np.int64)
     start = last = time.perf_counter()
     for i in range(n):
         try:
-            lengths[i] = max(1, processor.estimate_tokens(parse_sample(dataset.index.raw(i), i, dataset.limits)))
+            lengths[i] = max(1, processor.estimate_tokens(dataset.index.sample(i)))
         except ConfigError:
             raise  # a template or tokenizer problem holds for every sample
         except Exception:  # noqa: BLE001 (any sample error: skipped with its reason when loaded, module docstring)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from refvllm.config import config_value
 from refvllm.data.types import Skipped
 from refvllm.errors import DataError
 from refvllm.eval.formats import FORMATS, MODES, BadEntry, EvalEntry, read_eval_file
@@ -264,8 +265,12 @@ def _answer_settings(engine: RefInference, data, fmt: str, mode: str, ablate_reg
     source = Path(engine.source) if engine.source else None
     stamp = (source / "config.yaml").stat().st_mtime_ns if source and (source / "config.yaml").is_file() else None
     return {"model": str(source), "model_stamp": stamp, "data": str(Path(data).resolve()), "format": fmt,
-            "mode": mode, "ablate_regions": ablate_regions, "num_entries": n,
-            "generation": engine.generation_kwargs(), "batch_size": engine.cfg.eval.batch_size,
+            "mode": mode, "ablate_regions": ablate_regions, "num_entries": n, **_answer_shaping(engine)}
+
+
+def _answer_shaping(engine: RefInference) -> dict[str, Any]:
+    """The settings besides model and data that shape the answers: generation, batching, prompts, frames."""
+    return {"generation": engine.generation_kwargs(), "batch_size": engine.cfg.eval.batch_size,
             "prompt": dataclasses.asdict(engine.cfg.data.prompt), "frames": frame_settings(engine.cfg)}
 
 
@@ -274,9 +279,7 @@ def _run_info(engine: RefInference, data, data_root, fmt: str, mode: str, ablate
     return {"data": str(data), "data_root": str(data_root), "format": fmt, "mode": mode,
             "choice_rule": choice_rule(fmt),
             "ablate_regions": ablate_regions, "num_entries": n, "num_frames": engine.processor.num_frames,
-            "generation": engine.generation_kwargs(), "batch_size": engine.cfg.eval.batch_size,
-            "prompt": dataclasses.asdict(engine.cfg.data.prompt), "frames": frame_settings(engine.cfg),
-            "device": str(engine.device), "seconds": round(seconds, 2),
+            **_answer_shaping(engine), "device": str(engine.device), "seconds": round(seconds, 2),
             "samples_per_s": round(n / seconds, 3) if seconds > 0 else None}
 
 
@@ -287,7 +290,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="folder the media paths are relative to (default: the "
                                                      "data file's folder)")
     p.add_argument("--out", required=True, help="METRICS.json to write; predictions go next to it")
-    p.add_argument("--format", choices=FORMATS, default="seed", help="seed (default), bench-q or bench-d")
+    p.add_argument("--format", choices=FORMATS, default="seed", help="seed (default), bench-q, bench-d or caption")
     p.add_argument("--mode", choices=MODES, default="multi",
                    help="multi: every mask of the annotation (default); single: only the mask at frame_idx")
     p.add_argument("--ablate-regions", action="store_true", help="replace the region tokens with zeros")
@@ -304,23 +307,16 @@ PROMPT_KEYS = ("data.prompt.region", "data.prompt.choice_instruction")
 
 def frame_settings(cfg) -> dict[str, Any]:
     """The values of :data:`FRAME_KEYS` in ``cfg``."""
-    return {key: _get(cfg, key) for key in FRAME_KEYS}
-
-
-def _get(cfg, key: str) -> Any:
-    node = cfg
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
+    return {key: config_value(cfg, key) for key in FRAME_KEYS}
 
 
 def warn_settings_differ(trained, evaluated) -> list[str]:
     """Warn (stderr) for every frame or prompt setting an evaluation changes from the checkpoint's training
     config; returns the keys."""
-    changed = [key for key in (*FRAME_KEYS, *PROMPT_KEYS) if _get(trained, key) != _get(evaluated, key)]
+    changed = [key for key in (*FRAME_KEYS, *PROMPT_KEYS) if config_value(trained, key) != config_value(evaluated, key)]
     for key in changed:
-        print(f"warning: {key} is {_get(evaluated, key)!r} here but {_get(trained, key)!r} in training: the model "
-              "sees its inputs otherwise than it was trained on", file=sys.stderr)
+        print(f"warning: {key} is {config_value(evaluated, key)!r} here but {config_value(trained, key)!r} in "
+              "training: the model sees its inputs otherwise than it was trained on", file=sys.stderr)
     return changed
 
 

@@ -32,6 +32,7 @@ A 4-D mask (or BlockMask) is passed through by transformers' mask creation as it
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -84,11 +85,6 @@ class Packing:
         positions = torch.zeros(num_rows * width, dtype=torch.long, device=mask.device)
         positions[dest] = column
         return cls(index, dest, packed_sample.view(num_rows, width), positions.view(num_rows, width), (b, length))
-
-    @property
-    def num_tokens(self) -> int:
-        """Real tokens (the packed positions that are not row padding)."""
-        return int(self.index.shape[0])
 
     @property
     def packed_shape(self) -> tuple[int, int]:
@@ -152,8 +148,7 @@ def _assign_rows(sizes: list[int], rows: str) -> tuple[list[int], list[int], lis
     """(row of each sample, its offset in the row, each row's fill). "fit": first fit by decreasing size into
     rows of the largest size (ties in sample order, so the layout is deterministic)."""
     if rows == "one":
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        return [0] * len(sizes), offsets, [sum(sizes)]
+        return [0] * len(sizes), [0, *itertools.accumulate(sizes)][:-1], [sum(sizes)]
     capacity = max(sizes, default=0)
     row_of, offset_of, fills = [0] * len(sizes), [0] * len(sizes), []
     for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
@@ -236,14 +231,14 @@ def causal_lm_pass(lm, embeds: torch.Tensor, attention_mask: torch.Tensor, label
         kwargs["attention_mask"] = packing.attention_mask(implementation, embeds.dtype)
         kwargs["position_ids"] = packing.position_ids if position_ids is None else torch.cat(
             [packing.position_ids[None], packing.pack(position_ids.permute(1, 2, 0)).permute(2, 0, 1)])
-    keep = label_positions(targets, logits_at, embeds.device)
-    split = decoder_and_head(lm) if keep is not None else None
+    split = decoder_and_head(lm) if logits_at == "labels" and targets is not None else None
     if split is not None:  # the head at exactly the label positions, row by row: [1, T, V]
         decoder, head = split
         hidden = decoder(inputs_embeds=embeds, use_cache=False, **kwargs).last_hidden_state
         where = (targets != IGNORE_INDEX).to(hidden.device)
         logits = head(hidden[where])[None]
         return next_token_loss(logits, targets.to(hidden.device)[where][None], None, loss_normalizer), logits
+    keep = label_positions(targets, logits_at, embeds.device)  # also rejects an unknown logits_at
     if keep is not None:  # the LLM's own logits_to_keep: the positions where any row has a label
         kwargs["logits_to_keep"] = keep
     logits = lm(inputs_embeds=embeds, use_cache=False, **kwargs).logits

@@ -180,8 +180,7 @@ def load_checkpoint_state(run: Run, path: Path) -> None:
     _check_resumable(run, state, path)
     # Under ZeRO-3 the weights are partitioned since from_pretrained (zero3_init_flag): gather the trained ones
     # to full size, load them, and let the gather partition them back.
-    trained = [p for p in run.raw.parameters() if p.requires_grad] + fmt.extra_trainable_params(run.raw)
-    with gathered(run.accelerator, trained, write=True):
+    with gathered(run.accelerator, _trained_params(run.raw), write=True):
         fmt.load_trained_weights(run.raw, path)
     if not is_deepspeed(run.accelerator):
         run.optimizer.load_state_dict(ckpt.load_torch_state(path / fmt.OPTIMIZER_FILE))
@@ -392,10 +391,14 @@ def save(run: Run) -> Path:
 def save_weights(run: Run, directory: Path) -> None:
     """The LoRA adapter and every other trainable weight (:func:`refvllm.checkpoint.save_trained_weights`).
     Collective under ZeRO-3 (weights are gathered); only the main process writes."""
-    raw = run.raw
-    with gathered(run.accelerator, [p for p in raw.parameters() if p.requires_grad] + fmt.extra_trainable_params(raw)):
+    with gathered(run.accelerator, _trained_params(run.raw)):
         if run.accelerator.is_main_process:
-            fmt.save_trained_weights(raw, directory)
+            fmt.save_trained_weights(run.raw, directory)
+
+
+def _trained_params(raw) -> list:
+    """What a checkpoint holds: every parameter that trains, and the extra trainables (gathered under ZeRO-3)."""
+    return [p for p in raw.parameters() if p.requires_grad] + fmt.extra_trainable_params(raw)
 
 
 def _save_main_files(run: Run, directory: Path) -> None:
