@@ -28,6 +28,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -137,21 +138,31 @@ def extra_trainable_params(model) -> list[torch.nn.Parameter]:
     return [params[n] for n in extra_trainable_names(model)]
 
 
-def save_trained_weights(model, directory: str | Path) -> None:
+def save_trained_weights(model, directory: str | Path, full: Callable[[torch.Tensor], torch.Tensor] | None = None
+                         ) -> None:
     """``directory/adapter/`` (the LLM's LoRA adapter, plain PEFT layout, when it has one) and
-    ``directory/extra_trainables.safetensors`` (:func:`save_extra_trainables`)."""
+    ``directory/extra_trainables.safetensors`` (:func:`save_extra_trainables`). ``full(p)``: the full value of a
+    trained parameter ``p`` (FSDP keeps only a shard in ``p``; :func:`refvllm.train.distributed.gathered`), by
+    default ``p`` itself."""
     directory = Path(directory)
+    full = full or (lambda p: p)
     if model.adapter_model is not None:
-        model.adapter_model.save_pretrained(str(directory / ADAPTER_DIR))
-    save_extra_trainables(model, directory)
+        # The trained parameters' full values; PEFT picks the adapter's from them (frozen base weights are not
+        # gathered: under FSDP that would be the whole LLM on every rank).
+        trained = {n: full(p) for n, p in model.adapter_model.named_parameters() if p.requires_grad or "lora_" in n}
+        model.adapter_model.save_pretrained(str(directory / ADAPTER_DIR), state_dict=trained)
+    save_extra_trainables(model, directory, full)
 
 
-def save_extra_trainables(model, directory: str | Path) -> Path:
-    """Write :func:`extra_trainable_names` to ``directory/extra_trainables.safetensors``; returns the file."""
+def save_extra_trainables(model, directory: str | Path, full: Callable[[torch.Tensor], torch.Tensor] | None = None
+                          ) -> Path:
+    """Write :func:`extra_trainable_names` to ``directory/extra_trainables.safetensors``; returns the file.
+    ``full``: as in :func:`save_trained_weights`."""
     from safetensors.torch import save_file
 
+    full = full or (lambda p: p)
     params = dict(model.named_parameters())
-    tensors = {n: params[n].detach().contiguous().cpu() for n in extra_trainable_names(model)}
+    tensors = {n: full(params[n]).detach().contiguous().cpu() for n in extra_trainable_names(model)}
     path = Path(directory) / EXTRA_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": "pt", "names": json.dumps(sorted(tensors))})

@@ -236,7 +236,7 @@ def causal_lm_pass(lm, embeds: torch.Tensor, attention_mask: torch.Tensor, label
         decoder, head = split
         hidden = decoder(inputs_embeds=embeds, use_cache=False, **kwargs).last_hidden_state
         where = (targets != IGNORE_INDEX).to(hidden.device)
-        logits = head(hidden[where])[None]
+        logits = head(hidden[where][None])  # not a view of the head's output (FSDP hooks outputs)
         return next_token_loss(logits, targets.to(hidden.device)[where][None], None, loss_normalizer), logits
     keep = label_positions(targets, logits_at, embeds.device)  # also rejects an unknown logits_at
     if keep is not None:  # the LLM's own logits_to_keep: the positions where any row has a label

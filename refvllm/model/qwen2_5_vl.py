@@ -46,7 +46,7 @@ from refvllm.constants import REGION_TOKEN_ID
 from refvllm.data.qwen2_5_vl import PREPROCESSOR
 from refvllm.errors import ConfigError, ModelInputError
 from refvllm.model.packing import causal_lm_pass
-from refvllm.model.refvlm import drop_regions
+from refvllm.model.refvlm import drop_regions, with_zero_term
 from refvllm.model.shapes import QWEN2_5_GENERATION
 
 MODEL_TYPE = "qwen2_5_vl"
@@ -411,7 +411,8 @@ class RegionVLM(nn.Module):
 
     def embed(self, batch: dict, ablate_regions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """inputs_embeds [B, L, D] with the visual and region tokens in place (one vision pass), and the
-        zero-valued dummy term of :meth:`_regions` (add it to the loss)."""
+        zero-valued dummy term of :meth:`_regions` (:func:`refvllm.model.refvlm.with_zero_term` adds it to the
+        embeddings)."""
         ids = batch["input_ids"]
         config = self.config
         is_region = ids == REGION_TOKEN_ID
@@ -441,10 +442,10 @@ class RegionVLM(nn.Module):
                 logits_at: str = "all", pack: bool = False) -> CausalLMOutputWithPast:
         """Logits, and the next-token loss when ``labels`` are in the batch (as ``RefVLM.forward``; packed,
         each sample keeps the mRoPE positions the model's own index computation gives it alone)."""
-        (embeds, dummy), positions = self.embed(batch, ablate_regions), self.positions(batch)
+        embeds, positions = with_zero_term(*self.embed(batch, ablate_regions)), self.positions(batch)
         loss, logits = causal_lm_pass(self.vlm, embeds, batch["attention_mask"], batch.get("labels"), logits_at,
                                       loss_normalizer, pack, positions)
-        return CausalLMOutputWithPast(loss=None if loss is None else loss + dummy, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     @torch.no_grad()
     def generate(self, batch: dict, ablate_regions: bool = False, **generation_kwargs) -> torch.Tensor:

@@ -50,6 +50,24 @@ def left_padded(batch: dict) -> dict:
     return out
 
 
+def _sharded(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are sharded so that running it is a collective: FSDP2 (DTensor
+    parameters outside their unit's forward) or ZeRO-3 (``ds_id``)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in module.parameters())
+
+
+def with_zero_term(embeds: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``embeds`` [B, L, D] plus the zero-valued term that touches the modules a batch gave no real input
+    (:meth:`RefVLM._features`): the values are unchanged, and the term enters where the visual and region tokens
+    enter, not at the loss. So on every rank the backward reaches the vision tower and region encoder by the same
+    route, after the LLM's layers, and FSDP's per-unit collectives (gather, reduce-scatter) run in the same order
+    on every rank. Added to the loss instead, a rank whose batch had no frames ran the tower's backward while
+    the others were still in the LLM's, and FSDP hung (tests/integration/test_multiprocess.py)."""
+    return embeds + zero.to(embeds.dtype)
+
+
 class RefVLM(nn.Module):
     """Vision tower, projector, region encoder and causal LM (``llm`` may be a PEFT model)."""
 
@@ -111,12 +129,15 @@ class RefVLM(nn.Module):
     def _vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[N_F, 3, S, S] -> [N_F, P, D_v] in the adapters' dtype. A frozen tower runs without autograd (no
         activations kept for 16 frames of a large encoder) and ``VISION_CHUNK`` frames at a time: its attention
-        over 16 frames of SigLIP-so400m is 0.5 GB at once, a quarter of that in chunks, with the same result."""
+        over 16 frames of SigLIP-so400m is 0.5 GB at once, a quarter of that in chunks, with the same result.
+        Not when the tower's parameters are sharded (FSDP, ZeRO-3): each pass gathers them collectively, so every
+        rank must run the same number of passes whatever its frame count: one."""
         if torch.is_grad_enabled() and _trains(self.vision):
             feats = self.vision(pixels)
         else:
             with torch.no_grad():
-                feats = torch.cat([self.vision(chunk) for chunk in pixels.split(VISION_CHUNK)])
+                chunks = [pixels] if _sharded(self.vision) else pixels.split(VISION_CHUNK)
+                feats = torch.cat([self.vision(chunk) for chunk in chunks])
         # The one cast on the vision side: the tower's dtype (e.g. frozen bf16) -> the adapters' weight dtype.
         return feats.to(self.projector.mlp[0].weight.dtype)
 
@@ -174,7 +195,7 @@ class RefVLM(nn.Module):
 
     def embed(self, batch: dict, ablate_regions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """inputs_embeds [B, L, D] with visual and region features at their placeholder positions, and the
-        zero-valued dummy term (add it to the loss)."""
+        zero-valued dummy term (:func:`with_zero_term` adds it to the embeddings)."""
         input_ids = batch["input_ids"]
         visual, region, dummy = self._features(batch)
         self._check_counts(batch, input_ids, visual, region)
@@ -208,10 +229,10 @@ class RefVLM(nn.Module):
         ``pack`` (the trainer's, ``train.packing``): the LLM runs the samples end to end in one row, each
         attending only to itself (:mod:`refvllm.model.packing`): the same loss and gradients without padding.
         """
-        embeds, dummy = self.embed(batch, ablate_regions)
+        embeds = with_zero_term(*self.embed(batch, ablate_regions))
         loss, logits = causal_lm_pass(self.llm, embeds, batch["attention_mask"], batch.get("labels"), logits_at,
                                       loss_normalizer, pack)
-        return CausalLMOutputWithPast(loss=None if loss is None else loss + dummy, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     @torch.no_grad()
     def generate(self, batch: dict, ablate_regions: bool = False, **generation_kwargs) -> torch.Tensor:

@@ -31,11 +31,16 @@ from refvllm.errors import ConfigError
 from refvllm.train import checkpoint as ckpt
 from refvllm.train.distributed import (
     all_reduce_sum,
+    describe_strategy,
     gather_lists,
     gathered,
     is_deepspeed,
+    is_fsdp,
+    load_optimizer_state,
     make_accelerator,
+    optimizer_state,
     prepare_deepspeed_plugin,
+    prepare_fsdp_plugin,
 )
 from refvllm.train.metrics import LOSS_CURVE_FILE, MetricsWriter, plot_loss_curve
 from refvllm.train.schedule import build_optimizer, build_scheduler
@@ -158,7 +163,12 @@ def setup(cfg: Config) -> Run:
     if resume_from is not None:
         load_checkpoint_state(run, resume_from)
     prepare_deepspeed_plugin(accelerator, cfg)
+    prepare_fsdp_plugin(accelerator, raw)
     run.model, run.optimizer = accelerator.prepare(raw, optimizer)
+    if main:
+        print(f"distributed: {describe_strategy(accelerator, run.model)}", flush=True)
+    if resume_from is not None and is_fsdp(accelerator):  # sharded now: its state is sharded the same way
+        load_optimizer_state(accelerator, run.model, run.optimizer, _optimizer_file(resume_from), resume_from)
     if resume_from is not None and is_deepspeed(accelerator):
         run.model.load_checkpoint(str(resume_from / "deepspeed"), tag="state", load_module_strict=False,
                                   load_optimizer_states=True, load_lr_scheduler_states=False)
@@ -182,14 +192,18 @@ def load_checkpoint_state(run: Run, path: Path) -> None:
     # to full size, load them, and let the gather partition them back.
     with gathered(run.accelerator, _trained_params(run.raw), write=True):
         fmt.load_trained_weights(run.raw, path)
-    if not is_deepspeed(run.accelerator):
-        run.optimizer.load_state_dict(ckpt.load_torch_state(path / fmt.OPTIMIZER_FILE))
+    if not is_deepspeed(run.accelerator) and not is_fsdp(run.accelerator):  # FSDP: after prepare (setup)
+        load_optimizer_state(run.accelerator, run.model, run.optimizer, _optimizer_file(path), path)
     run.scheduler.load_state_dict(ckpt.load_torch_state(path / fmt.SCHEDULER_FILE))
     run.sampler.load_state_dict(state.sampler)
     run.bad.load_state_dict({"count": state.num_skipped})
     run.state = state
     if run.accelerator.is_main_process:
         print(f"resuming from {path} at step {state.step}", flush=True)
+
+
+def _optimizer_file(path: Path) -> dict:
+    return ckpt.load_torch_state(path / fmt.OPTIMIZER_FILE)
 
 
 def _check_resumable(run: Run, state: ckpt.TrainerState, path: Path) -> None:
@@ -331,7 +345,8 @@ def _clip(run: Run) -> float:
         norm = run.model.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
     max_norm = run.cfg.train.max_grad_norm if run.cfg.train.max_grad_norm > 0 else float("inf")
-    return float(run.accelerator.clip_grad_norm_(run.trainable, max_norm))
+    norm = run.accelerator.clip_grad_norm_(run.trainable, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a replicated DTensor
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -376,8 +391,9 @@ def save(run: Run) -> Path:
     if is_deepspeed(acc):
         run.model.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True,
                                   save_latest=False)
+    optimizer = optimizer_state(acc, run.model, run.optimizer)  # collective under FSDP
     if acc.is_main_process:
-        _save_main_files(run, tmp)
+        _save_main_files(run, tmp, optimizer)
     acc.wait_for_everyone()
     final = fmt.checkpoint_dir(cfg.train.output_dir, step)
     if acc.is_main_process:
@@ -391,9 +407,9 @@ def save(run: Run) -> Path:
 def save_weights(run: Run, directory: Path) -> None:
     """The LoRA adapter and every other trainable weight (:func:`refvllm.checkpoint.save_trained_weights`).
     Collective under ZeRO-3 (weights are gathered); only the main process writes."""
-    with gathered(run.accelerator, _trained_params(run.raw)):
+    with gathered(run.accelerator, _trained_params(run.raw)) as full:
         if run.accelerator.is_main_process:
-            fmt.save_trained_weights(run.raw, directory)
+            fmt.save_trained_weights(run.raw, directory, full)
 
 
 def _trained_params(raw) -> list:
@@ -401,10 +417,10 @@ def _trained_params(raw) -> list:
     return [p for p in raw.parameters() if p.requires_grad] + fmt.extra_trainable_params(raw)
 
 
-def _save_main_files(run: Run, directory: Path) -> None:
+def _save_main_files(run: Run, directory: Path, optimizer: dict | None) -> None:
     (directory / fmt.CONFIG_FILE).write_text(dump_yaml(run.cfg))
-    if not is_deepspeed(run.accelerator):
-        ckpt.save_torch_state(run.optimizer.state_dict(), directory / fmt.OPTIMIZER_FILE)
+    if optimizer is not None:
+        ckpt.save_torch_state(optimizer, directory / fmt.OPTIMIZER_FILE)
     ckpt.save_torch_state(run.scheduler.state_dict(), directory / fmt.SCHEDULER_FILE)
     run.state.sampler = run.sampler.state_dict(consumed=run.consumed)
     run.state.save(directory / fmt.TRAINER_STATE_FILE)
@@ -434,6 +450,8 @@ def finish(run: Run, last_saved: Path | None, seconds: float, steps: int) -> dic
         if losses:
             print(f"loss {losses[0]:.4f} (step 1) -> {losses[-1]:.4f} (step {len(losses)}); "
                   f"{steps} steps in {seconds:.1f}s", flush=True)
+        if last_saved:
+            print(f"saved {last_saved}", flush=True)
     acc.wait_for_everyone()
     acc.end_training()
     return summary
@@ -461,8 +479,6 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
 def main(argv: list[str]) -> int:
     config, overrides = parse_args(argv)
     cfg = load_config(config, overrides)
-    summary = train(cfg)
-    if summary.get("checkpoint"):
-        print(f"saved {summary['checkpoint']}", flush=True)
+    train(cfg)
     return 0
 

@@ -1,6 +1,7 @@
-"""Two gloo processes (torchrun + Accelerator(cpu=True)) train like one process at the same global batch, a
-2-process run killed after a checkpoint resumes exactly, and checkpoints resume on the other process count
-(elastic: 2 -> 1 and 1 -> 2, train.grad_accum recomputed)."""
+"""Two gloo processes (torchrun + Accelerator(cpu=True): DDP; accelerate launch with configs/accelerate/fsdp.yaml:
+FSDP2) train like one process at the same global batch, a 2-process run killed after a checkpoint resumes
+exactly, checkpoints resume on the other process count (elastic: 2 -> 1 and 1 -> 2, train.grad_accum
+recomputed), and ranks whose batches differ in kind (no region, no media, all skipped) do not hang."""
 
 import json
 import shutil
@@ -34,22 +35,35 @@ def assets(tmp_path_factory):
     return make_assets(tmp_path_factory.mktemp("assets"), num_train=16)
 
 
-def test_two_processes_match_one_process_and_resume_exactly(assets, tmp_path):
-    one = tmp_path / "one"
-    check_ok(run_training(overrides(assets, one, train__grad_accum=2, **COMMON)))
+@pytest.fixture(scope="module")
+def one(assets, tmp_path_factory):
+    """The reference: one process, train.grad_accum=2 (the global batch of 2 processes x 1)."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    check_ok(run_training(overrides(assets, out, train__grad_accum=2, **COMMON)))
+    return out
+
+
+def _assert_same_training(run: Path, reference: Path) -> None:
+    """Losses and trained weights of ``run`` equal the reference's to float tolerance (other reductions)."""
+    for (step, a), (step_b, b) in zip(losses(reference), losses(run), strict=True):
+        assert step == step_b and b == pytest.approx(a, rel=1e-5, abs=1e-6), step
+    w_ref, w_run = weight_tensors(reference / "checkpoint-4"), weight_tensors(run / "checkpoint-4")
+    assert sorted(w_ref) == sorted(w_run)
+    for name in w_ref:
+        torch.testing.assert_close(w_run[name], w_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_two_processes_match_one_process_and_resume_exactly(assets, one, tmp_path):
     two = tmp_path / "two"
     proc = run_training(overrides(assets, two, train__grad_accum=1, **COMMON), nproc=2)
     check_ok(proc)
     assert "resolved config" in proc.stdout and proc.stdout.count("resolved config") == 1  # main process only
 
+    assert "distributed: MULTI_CPU over 2 processes" in proc.stdout
     one_losses, two_losses = losses(one), losses(two)
     assert [s for s, _ in two_losses] == [1, 2, 3, 4]
-    for (_, a), (_, b) in zip(one_losses, two_losses, strict=True):
-        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
-    w_one, w_two = weight_tensors(one / "checkpoint-4"), weight_tensors(two / "checkpoint-4")
-    assert sorted(w_one) == sorted(w_two)
-    for name in w_one:
-        torch.testing.assert_close(w_two[name], w_one[name], rtol=1e-4, atol=1e-5, msg=name)
+    _assert_same_training(two, one)
+    w_two = weight_tensors(two / "checkpoint-4")
     assert sorted(p.name for p in two.glob("checkpoint-4/rng_state_*.pt")) == ["rng_state_0.pt", "rng_state_1.pt"]
 
     # Two "nodes" of one process each (a launcher per node, rendezvous on localhost): the 2-process run again.
@@ -73,7 +87,7 @@ def test_two_processes_match_one_process_and_resume_exactly(assets, tmp_path):
     for source, nproc, accum, reference, message in (
             (two, 1, 1, two_losses, "elastic resume: 2 -> 1 processes, train.grad_accum 1 -> 2"),
             (one, 2, 2, one_losses, "elastic resume: 1 -> 2 processes, train.grad_accum 2 -> 1")):
-        elastic = tmp_path / f"elastic-{source.name}"
+        elastic = tmp_path / f"elastic-to-{nproc}"
         elastic.mkdir()
         shutil.copytree(source / "checkpoint-2", elastic / "checkpoint-2")
         proc = run_training(overrides(assets, elastic, train__grad_accum=accum, **COMMON), nproc=nproc)
@@ -111,17 +125,59 @@ def _split_by_rank(assets: dict, out: Path, steps: int, bad_step: int) -> Path:
 
 
 @pytest.mark.parametrize("modules", ["trained", "frozen"])
-def test_ranks_with_different_kinds_of_batches_do_not_hang(tmp_path, modules):
-    """DDP waits for every trainable parameter's gradient on every rank: a rank whose batches hold no region
-    (or, all skipped, no media at all) must still run every module. Both runs finish within the timeout."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ranks_with_different_kinds_of_batches_do_not_hang(tmp_path, modules, strategy):
+    """DDP waits for every trainable parameter's gradient on every rank, FSDP2 gathers each unit's parameters
+    and reduces its gradients collectively: a rank whose batches hold no region (or, all skipped, no media at
+    all) must still run every module. Every run finishes within the timeout."""
     assets = make_assets(tmp_path / "assets", num_train=24)
     train_file = _split_by_rank(assets, tmp_path / "split.json", steps=4, bad_step=3)
     frozen = {"model__train_vision": "frozen", "model__train_region": "frozen"} if modules == "frozen" else {}
     out = tmp_path / "run"
     proc = run_training(overrides({**assets, "data.train_file": str(train_file)}, out, train__grad_accum=1,
-                                  data__max_bad_samples=2, **COMMON, **frozen), nproc=2, timeout=240)
+                                  data__max_bad_samples=2, **COMMON, **frozen), nproc=2, timeout=120,
+                        accelerate_config="fsdp.yaml" if strategy == "fsdp" else None)
     check_ok(proc)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert [r["num_skipped"] for r in records] == [0, 0, 2, 2]  # rank 1's step-3 micro-batch, both samples
     assert all(r["loss"] > 0 for r in records)
+
+
+def test_fsdp_matches_one_process_resumes_exactly_and_on_one_process(assets, one, tmp_path):
+    """FSDP2 as a user starts it (accelerate launch, configs/accelerate/fsdp.yaml): the LLM's decoder layers and
+    the vision tower's encoder layers are their own units, LoRA trains beside the frozen base in them;
+    checkpoints hold the files of any other run, gathered from the shards, and resume exactly (SIGKILL) and on
+    one process (the full optimizer state by name loads on any process count)."""
+    fsdp = tmp_path / "fsdp"
+    args = overrides(assets, fsdp, train__grad_accum=1, **COMMON)
+    proc = run_training(args, nproc=2, accelerate_config="fsdp.yaml")
+    check_ok(proc)
+    assert ("distributed: FSDP2 over 2 processes: own units Qwen2DecoderLayer x2, SiglipEncoderLayer x2"
+            in proc.stdout)
+    _assert_same_training(fsdp, one)
+    assert _files(fsdp / "checkpoint-4") == _files(one / "checkpoint-4") | {"rng_state_1.pt"}
+
+    killed = tmp_path / "killed"
+    args = overrides(assets, killed, train__grad_accum=1, **COMMON)
+    proc = run_training(args, nproc=2, env={KILL_AFTER_SAVE_ENV: "2"}, accelerate_config="fsdp.yaml")
+    assert proc.returncode != 0 and [s for s, _ in list_checkpoints(killed)] == [2], proc.stdout[-4000:]
+    check_ok(run_training(args, nproc=2, accelerate_config="fsdp.yaml"))
+    assert losses(killed) == losses(fsdp)
+    assert_bitwise_equal(weight_tensors(killed / "checkpoint-4"), weight_tensors(fsdp / "checkpoint-4"))
+
+    elastic = tmp_path / "elastic"
+    elastic.mkdir()
+    shutil.copytree(fsdp / "checkpoint-2", elastic / "checkpoint-2")
+    proc = run_training(overrides(assets, elastic, train__grad_accum=2, **COMMON), nproc=1,
+                        accelerate_config="fsdp.yaml")
+    check_ok(proc)
+    assert "elastic resume: 2 -> 1 processes" in proc.stdout and "FSDP2 over 1 process:" in proc.stdout
+    resumed = dict(losses(elastic))
+    assert sorted(resumed) == [3, 4]
+    for step, loss in losses(fsdp)[2:]:
+        assert resumed[step] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+
+
+def _files(checkpoint: Path) -> set[str]:
+    return {str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file()}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import check_ok, run_training, weight_tensors
+from train_helpers import check_ok, losses, run_training, weight_tensors
 
 from refvllm.checkpoint import load_for_inference
 
@@ -28,7 +28,7 @@ def assets(tmp_path_factory):
         # The family's defaults (the demo config trains its random tiny encoder and merger): vision encoder and
         # merger frozen, so that base + adapter is the whole trained VLM (plain peft must reproduce it).
         f"model.vlm_path={vlm}", "model.tiny=false", "model.train_vision=frozen", "model.train_projector=auto",
-        "model.lora.dropout=0.0", "train.micro_batch_size=2",
+        "model.lora.dropout=0.0", "model.region.dropout=0.0", "train.micro_batch_size=2",
         "train.grad_accum=2", "train.max_steps=3", "train.save_steps=2", "train.save_total_limit=0",
         "train.warmup_steps=0", "train.lr=0.02", "train.tensorboard=false", "train.resume=auto"]}
 
@@ -58,6 +58,28 @@ def test_resume_is_exact_and_the_checkpoint_holds_adapter_and_region_encoder(tra
         assert torch.equal(a[name], b[name]), name
     adapter = json.loads((out / "checkpoint-3" / "adapter" / "adapter_config.json").read_text())
     assert adapter["target_modules"].startswith(".*\\.language_model\\.")  # the language model only
+
+
+def test_fsdp_trains_the_vlm_like_one_process(assets, trained):
+    """FSDP2 on 2 processes (accelerate launch, configs/accelerate/fsdp.yaml) at the global batch of the
+    1-process run: the VLM's decoder layers and vision blocks are their own units, the region encoder trains in
+    the root unit; the checkpoint holds the same files and weights. Steps 1-2 agree to float round-off; step 3
+    to 1e-3 only: at train.lr=0.02 Adam turns round-off-sized gradients into full-size updates (a DDP run on 2
+    processes lands on FSDP's step-3 loss, 12.72678, where one process gives 12.73131)."""
+    out, _ = trained
+    fsdp = assets["root"] / "fsdp"
+    proc = run_training([*assets["args"], f"train.output_dir={fsdp}", "train.grad_accum=1"], nproc=2,
+                        config="demo_vlm.yaml", accelerate_config="fsdp.yaml")
+    check_ok(proc)
+    assert "FSDP2 over 2 processes: own units Qwen2_5_VLDecoderLayer x2, Qwen2_5_VLVisionBlock x2" in proc.stdout
+    reference, sharded = losses(out), losses(fsdp)
+    assert [s for s, _ in sharded] == [1, 2, 3]
+    for (_, a), (_, b), rel in zip(reference, sharded, (1e-5, 1e-5, 1e-3), strict=True):
+        assert b == pytest.approx(a, rel=rel)
+    a, b = weight_tensors(out / "checkpoint-2"), weight_tensors(fsdp / "checkpoint-2")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_eval_runs_on_the_checkpoint(assets, trained):

@@ -46,18 +46,51 @@ def overrides(assets: dict[str, str], output_dir: Path, **extra) -> list[str]:
 
 
 def run_training(args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300,
-                 config: str = "demo.yaml"):
+                 config: str = "demo.yaml", accelerate_config: str | None = None):
     """Run scripts/train.py (torchrun with ``nproc`` > 1) with ``configs/CONFIG`` (the demo's by default) and
-    ``args``; returns the CompletedProcess (stdout and stderr merged)."""
+    ``args``; returns the CompletedProcess (stdout and stderr merged). ``accelerate_config`` (e.g. "fsdp.yaml"):
+    started as a user starts it, ``accelerate launch --config_file configs/accelerate/FILE --num_processes
+    NPROC`` (also with one process)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                 "PYTHONUNBUFFERED": "1", **(env or {})}
-    if nproc > 1:
+    if accelerate_config:
+        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / accelerate_config), "--num_processes", str(nproc),
+               "--main_process_port", str(free_port())]  # two test workers may launch at once
+    elif nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     else:
         cmd = [sys.executable]
     cmd += [str(TRAIN_SCRIPT), "--config", str(ROOT / "configs" / config), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
+    return _finish(_start(cmd, full_env), timeout)
+
+
+def _start(cmd: list[str], env: dict) -> subprocess.Popen:
+    """A launcher in its own process group, so that a hang's timeout can kill its workers too."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    """Wait for ``proc``; past ``timeout`` kill its whole process group (no orphaned workers) and fail."""
+    import signal
+
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s (a hang?): {proc.args}\n{out[-6000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_ok(proc) -> None:
@@ -93,21 +126,12 @@ def run_training_nodes(args: list[str], nodes: int, timeout: int = 300) -> list[
     """Run scripts/train.py as ``nodes`` "nodes" of 1 process on this machine: one torchrun launcher per node
     (``--nnodes``, ``--node_rank``, a static rendezvous on 127.0.0.1), started together, as a multi-node job
     starts one launcher per node. Returns each launcher's CompletedProcess (output merged)."""
-    import socket
-
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
-                               "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",
-                               f"--master_port={port}", str(TRAIN_SCRIPT), "--config",
-                               str(ROOT / "configs" / "demo.yaml"), *args],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [_start([sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc_per_node=1",
+                     f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}", str(TRAIN_SCRIPT),
+                     "--config", str(ROOT / "configs" / "demo.yaml"), *args], env)
              for rank in range(nodes)]
-    results = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=timeout)
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out))
+    results = [_finish(proc, timeout) for proc in procs]
     return results

@@ -142,6 +142,62 @@ def test_a_deepspeed_launch_accelerate_did_not_join_is_one_clear_error(monkeypat
     assert plugin.deepspeed_config["train_batch_size"] == 1
 
 
+@pytest.mark.parametrize("setting, value, message", [
+    ("FSDP_VERSION", "1", "FSDP2 only"),
+    ("FSDP_CPU_RAM_EFFICIENT_LOADING", "true", "does not support yet"),
+    ("FSDP_ACTIVATION_CHECKPOINTING", "true", "model.gradient_checkpointing"),
+])
+def test_fsdp_launch_options_refvllm_does_not_support_are_clear_errors(monkeypatch, setting, value, message):
+    from refvllm.train.distributed import fsdp_plugin_from_launch
+
+    assert fsdp_plugin_from_launch() is None  # not an FSDP launch
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert fsdp_plugin_from_launch().fsdp_version == 2
+    monkeypatch.setenv(setting, value)
+    with pytest.raises(ConfigError, match=message):
+        fsdp_plugin_from_launch()
+
+
+def test_fsdp_wraps_the_models_own_blocks_and_checks_named_ones():
+    """Without named classes the units are the Hugging Face blocks (_no_split_modules) the model has."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from refvllm.train.distributed import prepare_fsdp_plugin
+
+    llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1))
+    model = torch.nn.ModuleDict({"llm": llm, "projector": torch.nn.Linear(4, 16)})
+    plugin = SimpleNamespace(transformer_cls_names_to_wrap=None)
+    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+    prepare_fsdp_plugin(accelerator, model)
+    assert model._no_split_modules == ["Qwen2DecoderLayer"]
+    plugin.transformer_cls_names_to_wrap = ["LlamaDecoderLayer"]
+    with pytest.raises(ConfigError, match="names LlamaDecoderLayer, which this model does not have"):
+        prepare_fsdp_plugin(accelerator, model)
+
+
+def test_an_optimizer_file_of_another_strategy_is_a_clear_error():
+    """optimizer.pt holds parameters by index (DDP, one process) or by name (FSDP's full state dict)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from refvllm.train.distributed import load_optimizer_state
+
+    by_index = {"state": {}, "param_groups": [{"params": [0, 1]}]}
+    by_name = {"state": {}, "param_groups": [{"params": ["llm.a", "llm.b"]}]}
+    plain = SimpleNamespace(distributed_type=DistributedType.NO)
+    with pytest.raises(ConfigError, match="written under FSDP; resume it under FSDP"):
+        load_optimizer_state(plain, None, None, by_name, "ckpt")
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    with pytest.raises(ConfigError, match="written without FSDP; resume it without FSDP"):
+        load_optimizer_state(fsdp, None, None, by_index, "ckpt")
+
+
 def test_metrics_writer_truncates_on_resume_and_plots(tmp_path):
     writer = MetricsWriter(tmp_path, enabled=True, tensorboard=True)
     for step in range(1, 6):

@@ -23,7 +23,7 @@ def _header(path: Path) -> str:
 def test_every_shipped_yaml_is_covered():
     names = {p.name for p in TRAIN_CONFIGS} | {f"accelerate/{p.name}" for p in ACCELERATE_CONFIGS}
     assert {"sft.yaml", "demo.yaml", "accelerate/ddp.yaml", "accelerate/zero2.yaml",
-            "accelerate/zero3.yaml"} <= names
+            "accelerate/zero3.yaml", "accelerate/fsdp.yaml"} <= names
     every = {str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml")}
     assert every == names  # no YAML hides in another folder
 
@@ -71,6 +71,17 @@ def test_accelerate_config(path):
         assert ds["zero_optimization"]["stage"] == int(path.stem[-1])
         for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
             assert ds[key] == "auto", f"{ds_file.name}: {key} must be 'auto' (filled from the training config)"
+    elif data["distributed_type"] == "FSDP":
+        # refvllm's own checks of the launch accept it (FSDP2, options it supports), read as accelerate reads it.
+        from refvllm.train.distributed import fsdp_plugin_from_launch
+
+        env = {"ACCELERATE_USE_FSDP": "true", **{f"FSDP_{k.removeprefix('fsdp_').upper()}": str(v).lower()
+                                                 for k, v in data["fsdp_config"].items()}}
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            plugin = fsdp_plugin_from_launch()
+        assert plugin.fsdp_version == 2 and not plugin.cpu_ram_efficient_loading
     else:
         assert cluster.distributed_type.value == "MULTI_GPU"
 
