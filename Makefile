@@ -69,10 +69,10 @@ eval: $(STAMP)
 
 # pytest exits 5 when no test was collected: not a failure of the suite.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -n 2 --dist loadscope --no-loadscope-reorder -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadscope --no-loadscope-reorder -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check refvllm scripts tests benchmarks

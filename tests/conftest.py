@@ -23,3 +23,16 @@ def _one_thread_per_worker():
     import torch
 
     torch.set_num_threads(1)
+
+
+# `make test` runs 2 workers with `--dist loadscope --no-loadscope-reorder`: each worker takes whole modules (their
+# module fixtures built once) in collection order, so the modules that take longest go first (measured with
+# `pytest --durations`, README "Tests"); a long module started last would leave the other worker idle. The order
+# within a module is kept; unlisted modules follow in pytest's order.
+LONGEST_FIRST = ("test_sharded.py", "test_real_shapes.py", "test_multiprocess.py", "test_demo_claim.py",
+                 "test_train.py", "test_hub.py", "test_vlm_family.py", "test_eval.py", "test_export.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable sort

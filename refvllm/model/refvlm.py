@@ -61,10 +61,11 @@ def _sharded(module: nn.Module) -> bool:
 def with_zero_term(embeds: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """``embeds`` [B, L, D] plus the zero-valued term that touches the modules a batch gave no real input
     (:meth:`RefVLM._features`): the values are unchanged, and the term enters where the visual and region tokens
-    enter, not at the loss. So on every rank the backward reaches the vision tower and region encoder by the same
-    route, after the LLM's layers, and FSDP's per-unit collectives (gather, reduce-scatter) run in the same order
-    on every rank. Added to the loss instead, a rank whose batch had no frames ran the tower's backward while
-    the others were still in the LLM's, and FSDP hung (tests/integration/test_multiprocess.py)."""
+    enter, not at the loss. The embedding table is frozen, so without it the LLM's input in a batch with no
+    frames and no masks needs no gradient; FSDP2 reduces a layer's gradients when its input's gradient is
+    computed, or at the end of the backward when it needs none, so the ranks reduced the first layer at
+    different points and hung (tests/integration/test_multiprocess.py). With it, every rank's LLM input needs
+    a gradient."""
     return embeds + zero.to(embeds.dtype)
 
 

@@ -44,8 +44,14 @@ def make_accelerator(cfg: Config):
     # launch on CPU (DeepSpeed's CPU accelerator, e.g. to test ZeRO without GPUs) must keep it off.
     deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     plugin = fsdp_plugin_from_launch()
+    handlers = []
+    if deepspeed_launch and not cuda:  # accelerate picks no backend without CUDA: its processes would not join
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(cpu=not cuda and not deepspeed_launch, mixed_precision=cfg.train.mixed_precision,
-                              gradient_accumulation_steps=cfg.train.grad_accum, fsdp_plugin=plugin)
+                              gradient_accumulation_steps=cfg.train.grad_accum, fsdp_plugin=plugin,
+                              kwargs_handlers=handlers)
     if plugin is not None and not cuda:
         _fsdp_on_cpu(accelerator, plugin)
     return accelerator

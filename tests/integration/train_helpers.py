@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).parents[2]
@@ -84,6 +85,28 @@ def _finish(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProce
     return subprocess.CompletedProcess(proc.args, proc.returncode, out)
 
 
+# Dropout (LoRA and region) off: the two layouts draw their dropout masks from different per-process RNG streams.
+# Resume with dropout on (RNG states checkpointed) is covered by test_train.py.
+COMMON = dict(model__lora__dropout=0.0, model__region__dropout=0.0, train__max_steps=4, train__save_steps=2)
+
+
+def one_process_reference(assets: dict[str, str], out: Path) -> Path:
+    """The reference of the multi-process tests: one process, train.grad_accum=2 (the global batch of 2
+    processes x 1), 4 steps, checkpoints 2 and 4."""
+    check_ok(run_training(overrides(assets, out, train__grad_accum=2, **COMMON)))
+    return out
+
+
+def assert_same_training(run: Path, reference: Path) -> None:
+    """Losses and trained weights of ``run`` equal the reference's to float tolerance (other reductions)."""
+    for (step, a), (step_b, b) in zip(losses(reference), losses(run), strict=True):
+        assert step == step_b and b == pytest.approx(a, rel=1e-5, abs=1e-6), step
+    w_ref, w_run = weight_tensors(reference / "checkpoint-4"), weight_tensors(run / "checkpoint-4")
+    assert sorted(w_ref) == sorted(w_run)
+    for name in w_ref:
+        torch.testing.assert_close(w_run[name], w_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def free_port() -> int:
     """A TCP port free on localhost now (for a rendezvous)."""
     import socket
@@ -122,13 +145,14 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), f"{name} differs"
 
 
-def run_training_nodes(args: list[str], nodes: int, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+def run_training_nodes(args: list[str], nodes: int, timeout: int = 300,
+                       env: dict | None = None) -> list[subprocess.CompletedProcess]:
     """Run scripts/train.py as ``nodes`` "nodes" of 1 process on this machine: one torchrun launcher per node
     (``--nnodes``, ``--node_rank``, a static rendezvous on 127.0.0.1), started together, as a multi-node job
     starts one launcher per node. Returns each launcher's CompletedProcess (output merged)."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", **(env or {})}
     procs = [_start([sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc_per_node=1",
                      f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}", str(TRAIN_SCRIPT),
                      "--config", str(ROOT / "configs" / "demo.yaml"), *args], env)

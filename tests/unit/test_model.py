@@ -216,6 +216,24 @@ def test_every_module_runs_on_every_batch_even_frozen(ckpt, case):
     assert all(n >= 1 for n in calls.values()), calls
 
 
+@pytest.mark.parametrize("case", ["no_masks", "no_frames"])
+def test_the_llm_input_needs_a_gradient_in_every_batch(ckpt, case):
+    """FSDP2 reduces a layer's gradients when the gradient of its input is computed, or, when its input needs
+    none, at the end of the backward. The embedding table is frozen, so in a batch without frames or masks only
+    the zero-valued term (it enters at the embeddings) makes the first layer's input need a gradient: without
+    it the ranks reduced that layer at different points of the backward and 2 FSDP processes hung."""
+    model = make_model(ckpt, "siglip", "qwen2", "model.train_vision=full").train()
+    layout = model.layout
+    samples = ([make_sample(layout, 2, [], 4, seed=5)] if case == "no_masks" else [make_sample(layout, 0, [], 4,
+                                                                                               seed=5)])
+    seen = []
+    first = model.llm.get_base_model().model.layers[0]
+    first.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(
+        (args[0] if args else kwargs["hidden_states"]).requires_grad), with_kwargs=True)
+    model(collate(samples)).loss.backward()
+    assert seen == [True]
+
+
 # ---------------------------------------------------------------------------------------- backends, models
 def test_sdpa_and_eager_give_the_same_logits(ckpt):
     samples = three_samples(make_model(ckpt).layout)
