@@ -126,30 +126,23 @@ def _deepspeed_available() -> bool:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or not _deepspeed_available(), reason="needs CUDA and deepspeed")
-def test_zero3_checkpoints_gather_full_weights_and_resume_exactly(tmp_path):
-    """ZeRO-3 through accelerate (configs/accelerate/zero3.yaml, weights partitioned from from_pretrained on):
-    the checkpoint holds every trained weight at full shape, and a run killed after it resumes with the same
-    losses and the same weights. Run on CPU by hand (1 process: 26 s after DeepSpeed's one-off op build; not in
-    the suite, docs/training.md); several DeepSpeed processes need GPUs."""
-    import subprocess
-    import sys
-
+@pytest.mark.parametrize("launch, extra", [("zero3.yaml", {}), ("fsdp.yaml", {"train__mixed_precision": "bf16"})])
+def test_sharded_checkpoints_gather_full_weights_and_resume_exactly(tmp_path, launch, extra):
+    """ZeRO-3 (weights partitioned from from_pretrained on) and FSDP2 in bf16 through accelerate on one GPU: the
+    checkpoint holds every trained weight at full shape, and a run killed after it resumes with the same losses
+    and the same weights. On CPU, 2 processes of each: tests/integration/test_sharded.py."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if launch == "zero3.yaml" and not _deepspeed_available():
+        pytest.skip("needs deepspeed")
     assets = make_assets(tmp_path / "assets", num_train=16)
-    common = dict(model__lora__dropout=0.0, model__region__dropout=0.0, train__max_steps=4, train__save_steps=2)
-
-    def launch(out, env=None):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(Path(__file__).parents[2] / "configs/accelerate/zero3.yaml"), "--num_processes", "1",
-               str(Path(__file__).parents[2] / "scripts/train.py"), "--config",
-               str(Path(__file__).parents[2] / "configs/demo.yaml"), *overrides(assets, out, **common)]
-        return subprocess.run(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=900)
-
+    common = dict(model__lora__dropout=0.0, model__region__dropout=0.0, train__max_steps=4, train__save_steps=2,
+                  **extra)
     full, killed = tmp_path / "full", tmp_path / "killed"
-    check_ok(launch(full))
-    assert launch(killed, {KILL_AFTER_SAVE_ENV: "2"}).returncode != 0
-    check_ok(launch(killed))
+    check_ok(run_training(overrides(assets, full, **common), accelerate_config=launch, timeout=900))
+    args = overrides(assets, killed, **common)
+    assert run_training(args, env={KILL_AFTER_SAVE_ENV: "2"}, accelerate_config=launch, timeout=900).returncode != 0
+    check_ok(run_training(args, accelerate_config=launch, timeout=900))
     # Bitwise on CPU (measured); CUDA kernels may reorder sums, hence the float tolerance.
     assert [s for s, _ in losses(killed)] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(losses(full), losses(killed), strict=True):
