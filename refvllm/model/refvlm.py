@@ -58,6 +58,17 @@ def _sharded(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in module.parameters())
 
 
+def _passes_of_all_ranks(passes: int, device: torch.device) -> int:
+    """The largest ``passes`` over the process group (collective; ``passes`` itself without one)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return passes
+    count = torch.tensor([passes], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count)
+
+
 def with_zero_term(embeds: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """``embeds`` [B, L, D] plus the zero-valued term that touches the modules a batch gave no real input
     (:meth:`RefVLM._features`): the values are unchanged, and the term enters where the visual and region tokens
@@ -131,14 +142,19 @@ class RefVLM(nn.Module):
         """[N_F, 3, S, S] -> [N_F, P, D_v] in the adapters' dtype. A frozen tower runs without autograd (no
         activations kept for 16 frames of a large encoder) and ``VISION_CHUNK`` frames at a time: its attention
         over 16 frames of SigLIP-so400m is 0.5 GB at once, a quarter of that in chunks, with the same result.
-        Not when the tower's parameters are sharded (FSDP, ZeRO-3): each pass gathers them collectively, so every
-        rank must run the same number of passes whatever its frame count: one."""
+        When the tower's parameters are sharded (FSDP, ZeRO-3) each pass gathers them collectively, so every rank
+        runs as many passes as the rank with the most chunks (:func:`_passes_of_all_ranks`; the extra ones on
+        one frame, their output unused)."""
         if torch.is_grad_enabled() and _trains(self.vision):
             feats = self.vision(pixels)
         else:
             with torch.no_grad():
-                chunks = [pixels] if _sharded(self.vision) else pixels.split(VISION_CHUNK)
+                chunks = list(pixels.split(VISION_CHUNK))
+                # Agreed before any pass: every pass is a sequence of gathers the other ranks must match.
+                passes = _passes_of_all_ranks(len(chunks), pixels.device) if _sharded(self.vision) else len(chunks)
                 feats = torch.cat([self.vision(chunk) for chunk in chunks])
+                for _ in range(passes - len(chunks)):
+                    self.vision(pixels[:1])
         # The one cast on the vision side: the tower's dtype (e.g. frozen bf16) -> the adapters' weight dtype.
         return feats.to(self.projector.mlp[0].weight.dtype)
 

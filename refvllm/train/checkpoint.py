@@ -193,6 +193,7 @@ def save_torch_state(obj: Any, path: str | os.PathLike) -> None:
     torch.save(obj, path)
 
 
-def load_torch_state(path: str | os.PathLike) -> Any:
-    """``torch.load`` restricted to tensors and plain containers (never arbitrary pickles)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_torch_state(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """``torch.load`` restricted to tensors and plain containers (never arbitrary pickles); ``mmap``: tensors
+    mapped from the file, read when used."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

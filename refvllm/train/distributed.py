@@ -43,7 +43,7 @@ def make_accelerator(cfg: Config):
     # cpu=True is what makes CPU processes join one gloo group, but it also turns DeepSpeed off; a DeepSpeed
     # launch on CPU (DeepSpeed's CPU accelerator, e.g. to test ZeRO without GPUs) must keep it off.
     deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    plugin = fsdp_plugin_from_launch()
+    plugin = fsdp_plugin_from_launch(cfg.train.mixed_precision)
     handlers = []
     if deepspeed_launch and not cuda:  # accelerate picks no backend without CUDA: its processes would not join
         from accelerate.utils import InitProcessGroupKwargs
@@ -57,10 +57,15 @@ def make_accelerator(cfg: Config):
     return accelerator
 
 
-def fsdp_plugin_from_launch():
+def fsdp_plugin_from_launch(mixed_precision: str = "no"):
     """The FSDP plugin of an FSDP launch (``accelerate launch --config_file configs/accelerate/fsdp.yaml``, which
     sets ``ACCELERATE_USE_FSDP`` and the ``FSDP_*`` variables the plugin reads), else None. FSDP2 only; the
-    options refvllm does not support are refused here, before any model is built."""
+    options refvllm does not support are refused here, before any model is built.
+
+    ``mixed_precision`` (``train.mixed_precision``) bf16/fp16: parameters gathered and computed in that dtype
+    over the float32 masters, gradients reduced in float32, outputs not cast. accelerate's own policy for
+    "bf16" reduces (and, under accumulation, sums micro-batch gradients) in bf16 and casts the model's outputs,
+    the loss too, to bf16: a logged loss to 3 digits and gradients coarser than under DDP."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return None
     from accelerate import FullyShardedDataParallelPlugin
@@ -76,6 +81,11 @@ def fsdp_plugin_from_launch():
     if plugin.activation_checkpointing:
         raise ConfigError("the accelerate config sets fsdp_activation_checkpointing: true; use the training "
                           "config's model.gradient_checkpointing instead (one place that turns it on)")
+    if mixed_precision in ("bf16", "fp16"):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        compute = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     return plugin
 
 
@@ -94,9 +104,7 @@ def _fsdp_on_cpu(accelerator, plugin) -> None:
     # Both shared states: every later AcceleratorState() (transformers makes some) copies PartialState's over its own.
     PartialState().distributed_type = DistributedType.FSDP
     accelerator.state.distributed_type = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = plugin
-    if accelerator.mixed_precision != "no":
-        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin  # its mixed-precision policy: fsdp_plugin_from_launch
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -188,12 +196,14 @@ def prepare_deepspeed_plugin(accelerator, cfg: Config) -> None:
 @contextlib.contextmanager
 def gathered(accelerator, params: list[torch.nn.Parameter],
              write: bool = False) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-    """Inside the block, ``full(p)`` is the full value of each of ``params`` on every rank. ZeRO-3 gathers them
+    """Inside the block, ``full(p)`` is the full value of each of ``params`` (under FSDP on the main process
+    only). ZeRO-3 gathers them
     in place (``full(p)`` is ``p``; with ``write`` what rank 0 writes into them is partitioned back on exit:
-    loading weights into a ZeRO-3 model). FSDP2 all-gathers each sharded (DTensor) parameter into a new host
-    tensor, the sharded one unchanged (``write`` is refused there: load before ``accelerator.prepare``, while nothing is
-    sharded yet). Elsewhere ``full(p)`` is ``p``. Collective under ZeRO-3 and FSDP: every rank must enter it,
-    with the same ``params`` in the same order."""
+    loading weights into a ZeRO-3 model). FSDP2 all-gathers each sharded (DTensor) parameter, one at a time,
+    into a host tensor on the main process (the other ranks take part in the gathers and keep nothing:
+    ``full(p)`` is None there), the sharded one unchanged; ``write`` is refused there (load before
+    ``accelerator.prepare``, while nothing is sharded yet). Elsewhere ``full(p)`` is ``p``. Collective under
+    ZeRO-3 and FSDP: every rank must enter it, with the same ``params`` in the same order."""
     if is_deepspeed(accelerator) and any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
@@ -205,11 +215,18 @@ def gathered(accelerator, params: list[torch.nn.Parameter],
     if any(isinstance(p, DTensor) for p in params):
         if write:
             raise RuntimeError("gathered(write=True) on FSDP-sharded parameters: load before accelerator.prepare")
-        # One parameter at a time, to host memory: the device holds one full parameter at most.
-        values = {id(p): p.full_tensor().cpu() if isinstance(p, DTensor) else p for p in params}
+        # One parameter at a time, to host memory: the device holds one full parameter at most, and only the
+        # main process keeps it (it alone writes; a trained 7B LLM is 30 GB of float32 per copy).
+        keep = accelerator.is_main_process
+        values = {id(p): _full_on_main(p, keep) if isinstance(p, DTensor) else p for p in params}
         yield lambda p: values[id(p)]
         return
     yield _itself
+
+
+def _full_on_main(p, keep: bool) -> torch.Tensor | None:
+    full = p.full_tensor()  # collective
+    return full.cpu() if keep else None
 
 
 def _itself(p: torch.Tensor) -> torch.Tensor:

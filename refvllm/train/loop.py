@@ -203,7 +203,8 @@ def load_checkpoint_state(run: Run, path: Path) -> None:
 
 
 def _optimizer_file(path: Path) -> dict:
-    return ckpt.load_torch_state(path / fmt.OPTIMIZER_FILE)
+    """The checkpoint's optimizer state, memory-mapped: under FSDP every rank reads only its shard's pages."""
+    return ckpt.load_torch_state(path / fmt.OPTIMIZER_FILE, mmap=True)
 
 
 def _check_resumable(run: Run, state: ckpt.TrainerState, path: Path) -> None:

@@ -29,9 +29,12 @@ def test_fsdp_matches_one_process_resumes_exactly_and_on_one_process(small_asset
     """FSDP2 as a user starts it (accelerate launch, configs/accelerate/fsdp.yaml): the LLM's decoder layers and
     the vision tower's encoder layers are their own units, LoRA trains beside the frozen base in them;
     checkpoints hold the files of any other run, gathered from the shards, and resume exactly (SIGKILL) and on
-    one process (the full optimizer state by name loads on any process count)."""
+    one process (the full optimizer state by name loads on any process count). One sample a micro-batch and 2
+    micro-batches a step on each process: the reference's 4 samples a step, with FSDP's accumulation (no
+    reduce-scatter until the last micro-batch) in the path."""
+    per_process = dict(train__micro_batch_size=1, train__grad_accum=2, **COMMON)
     fsdp = tmp_path / "fsdp"
-    args = overrides(small_assets, fsdp, train__grad_accum=1, **COMMON)
+    args = overrides(small_assets, fsdp, **per_process)
     proc = run_training(args, nproc=2, accelerate_config="fsdp.yaml")
     check_ok(proc)
     assert ("distributed: FSDP2 over 2 processes: own units Qwen2DecoderLayer x2, SiglipEncoderLayer x2"
@@ -40,7 +43,7 @@ def test_fsdp_matches_one_process_resumes_exactly_and_on_one_process(small_asset
     assert _files(fsdp / "checkpoint-4") == _files(one / "checkpoint-4") | {"rng_state_1.pt"}
 
     killed = tmp_path / "killed"
-    args = overrides(small_assets, killed, train__grad_accum=1, **COMMON)
+    args = overrides(small_assets, killed, **per_process)
     proc = run_training(args, nproc=2, env={KILL_AFTER_SAVE_ENV: "2"}, accelerate_config="fsdp.yaml")
     assert proc.returncode != 0 and [s for s, _ in list_checkpoints(killed)] == [2], proc.stdout[-4000:]
     check_ok(run_training(args, nproc=2, accelerate_config="fsdp.yaml"))
@@ -50,10 +53,11 @@ def test_fsdp_matches_one_process_resumes_exactly_and_on_one_process(small_asset
     elastic = tmp_path / "elastic"
     elastic.mkdir()
     shutil.copytree(fsdp / "checkpoint-2", elastic / "checkpoint-2")
-    proc = run_training(overrides(small_assets, elastic, train__grad_accum=2, **COMMON), nproc=1,
+    proc = run_training(overrides(small_assets, elastic, **{**per_process, "train__grad_accum": 4}), nproc=1,
                         accelerate_config="fsdp.yaml")
     check_ok(proc)
-    assert "elastic resume: 2 -> 1 processes" in proc.stdout and "FSDP2 over 1 process:" in proc.stdout
+    assert "elastic resume: 2 -> 1 processes, train.grad_accum 2 -> 4" in proc.stdout
+    assert "FSDP2 over 1 process:" in proc.stdout
     resumed = dict(losses(elastic))
     assert sorted(resumed) == [3, 4]
     for step, loss in losses(fsdp)[2:]:

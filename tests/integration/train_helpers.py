@@ -67,19 +67,20 @@ def run_training(args: list[str], nproc: int = 1, env: dict | None = None, timeo
 
 
 def _start(cmd: list[str], env: dict) -> subprocess.Popen:
-    """A launcher in its own process group, so that a hang's timeout can kill its workers too."""
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
-    """Wait for ``proc``; past ``timeout`` kill its whole process group (no orphaned workers) and fail."""
-    import signal
+    """Wait for ``proc``; past ``timeout`` kill it and every process under it, then fail. torchrun starts its
+    workers in sessions of their own, so killing the launcher's process group would leave them running (a hung
+    collective spins forever) and holding the output pipe open (this wait would never end)."""
+    import psutil
 
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for child in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            child.kill()
         out, _ = proc.communicate()
         raise AssertionError(f"timed out after {timeout} s (a hang?): {proc.args}\n{out[-6000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out)

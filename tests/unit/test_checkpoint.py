@@ -159,6 +159,17 @@ def test_fsdp_launch_options_refvllm_does_not_support_are_clear_errors(monkeypat
         fsdp_plugin_from_launch()
 
 
+def test_fsdp_mixed_precision_reduces_in_float32_and_leaves_outputs(monkeypatch):
+    """bf16 compute over float32 masters; gradients reduced (and accumulated) in float32, the loss not cast."""
+    from refvllm.train.distributed import fsdp_plugin_from_launch
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert fsdp_plugin_from_launch("no").mixed_precision_policy is None
+    policy = fsdp_plugin_from_launch("bf16").mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32, None)
+
+
 def test_fsdp_wraps_the_models_own_blocks_and_checks_named_ones():
     """Without named classes the units are the Hugging Face blocks (_no_split_modules) the model has."""
     from types import SimpleNamespace
