@@ -197,12 +197,11 @@ def prepare_deepspeed_plugin(accelerator, cfg: Config) -> None:
 def gathered(accelerator, params: list[torch.nn.Parameter],
              write: bool = False) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     """Inside the block, ``full(p)`` is the full value of each of ``params`` (under FSDP on the main process
-    only). ZeRO-3 gathers them
-    in place (``full(p)`` is ``p``; with ``write`` what rank 0 writes into them is partitioned back on exit:
-    loading weights into a ZeRO-3 model). FSDP2 all-gathers each sharded (DTensor) parameter, one at a time,
-    into a host tensor on the main process (the other ranks take part in the gathers and keep nothing:
-    ``full(p)`` is None there), the sharded one unchanged; ``write`` is refused there (load before
-    ``accelerator.prepare``, while nothing is sharded yet). Elsewhere ``full(p)`` is ``p``. Collective under
+    only). ZeRO-3 gathers them in place (``full(p)`` is ``p``; with ``write`` what rank 0 writes into them is
+    partitioned back on exit: loading weights into a ZeRO-3 model). FSDP2 all-gathers each sharded (DTensor)
+    parameter, one at a time, into a host tensor on the main process (the other ranks take part in the gathers
+    and keep nothing: ``full(p)`` is None there), the sharded one unchanged; ``write`` is refused there (load
+    before ``accelerator.prepare``, while nothing is sharded yet). Elsewhere ``full(p)`` is ``p``. Collective under
     ZeRO-3 and FSDP: every rank must enter it, with the same ``params`` in the same order."""
     if is_deepspeed(accelerator) and any(hasattr(p, "ds_id") for p in params):
         import deepspeed
